@@ -1,0 +1,23 @@
+"""The injected clock: logic takes `now` from here, tests use a fake one."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back: windows, batch age, backoff."""
+
+    def now(self) -> datetime:
+        """Aware UTC wall time: only for event timestamps."""
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)

@@ -1,0 +1,238 @@
+"""The configuration tree: the only reader of the TOML file.
+
+`load_config` reads config/forwarder.toml (or --config, or $FORWARDER_CONFIG), then
+applies environment overrides `FORWARDER_<SECTION>__<KEY>` on top, and validates the
+whole tree before anything starts. Unknown keys are errors: a typo must not be
+silently ignored. Every error names its TOML key path.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_PATH = Path("config/forwarder.toml")
+CONFIG_ENV = "FORWARDER_CONFIG"
+DSN_ENV = "FORWARDER_DATABASE__DSN"
+EMBEDDED_DSN = "embedded"
+
+Name = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.\-]+$")]
+Identifier = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z_][a-z0-9_]*$")]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` name each key path and what is wrong."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseConfig(Section):
+    dsn: SecretStr = Field(
+        SecretStr(""),
+        description='PostgreSQL DSN; "embedded" runs a private PostgreSQL under data_dir; '
+        "empty is an error at start (set FORWARDER_DATABASE__DSN)",
+    )
+    data_dir: Path = Field(
+        Path(".forwarder"), description="folder for the embedded cluster and the disk spool"
+    )
+    schema_name: Identifier = Field(
+        "public", description="PostgreSQL schema that holds the forwarder's tables"
+    )
+    table: Identifier = Field("system_logs", description="the log table, partitioned by day")
+    checkpoint_table: Identifier = Field(
+        "forwarder_checkpoints", description="committed read position of every source stream"
+    )
+    dead_letter_table: Identifier = Field(
+        "forwarder_dead_letters", description="rows the database refused, with the error text"
+    )
+    retention_days: int = Field(30, ge=1, description="days of log partitions to keep")
+    partitions_ahead_days: int = Field(
+        3, ge=1, le=60, description="day partitions created ahead of today"
+    )
+    connect_timeout_s: float = Field(10.0, gt=0, description="timeout of one connection attempt")
+    retry_initial_backoff_s: float = Field(
+        0.5, gt=0, description="first wait after a failed write; doubles each retry"
+    )
+    retry_max_backoff_s: float = Field(
+        30.0, gt=0, description="longest wait between retries of a failed write"
+    )
+
+
+class BatchConfig(Section):
+    max_rows: int = Field(5000, ge=1, le=1_000_000, description="rows per COPY transaction")
+    max_delay_s: float = Field(
+        0.5, gt=0, le=3600, description="longest a row waits before its batch is written"
+    )
+
+
+class PipelineConfig(Section):
+    queue_chunks: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="capacity of each stage queue, in chunks (a chunk is up to one read of lines)",
+    )
+
+
+class DaemonConfig(Section):
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="level of the forwarder's own logs (JSON lines on stderr)"
+    )
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="on SIGTERM/SIGINT, time allowed to flush before a forced exit"
+    )
+
+
+class FileSourceConfig(Section):
+    type: Literal["file"]
+    name: Name = Field(description="unique source name; keys the checkpoints")
+    service: Name = Field(description="service written on every row from this source")
+    paths: list[str] = Field(min_length=1, description="files to tail; globs allowed")
+    exclude: list[str] = Field(default_factory=list, description="globs of paths to skip")
+    read_from: Literal["head", "tail"] = Field(
+        "head",
+        description="where to start a file present at first start with no checkpoint; "
+        "files that appear later are always read from the head",
+    )
+    max_line_bytes: int = Field(
+        1_048_576, ge=256, description="longer lines are cut here and flagged meta.truncated"
+    )
+    read_budget_bytes: int = Field(
+        1_048_576, ge=4096, description="bytes read from one file per round, so none starves"
+    )
+    poll_interval_s: float = Field(0.25, gt=0, description="how often idle files are checked")
+    glob_interval_s: float = Field(2.0, gt=0, description="how often globs are re-scanned")
+    rotate_wait_s: float = Field(
+        5.0, ge=0, description="how long a rotated-away file is still read after its last growth"
+    )
+    fingerprint_bytes: int = Field(
+        256, ge=16, le=65536, description="leading bytes hashed to tell a reused inode apart"
+    )
+
+
+SourceConfig = Annotated[FileSourceConfig, Field(discriminator="type")]
+
+
+class Settings(BaseSettings):
+    """The whole configuration; environment variables override the TOML file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FORWARDER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    database: DatabaseConfig = DatabaseConfig()
+    batch: BatchConfig = BatchConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    daemon: DaemonConfig = DaemonConfig()
+    sources: list[SourceConfig] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment wins over it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _source_names_unique(self) -> Settings:
+        seen: set[str] = set()
+        for source in self.sources:
+            if source.name in seen:
+                raise ValueError(f"two sources are named {source.name!r}; names must be unique")
+            seen.add(source.name)
+        return self
+
+
+def resolve_config_path(path: Path | None, environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    if path is not None:
+        return path
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    return DEFAULT_CONFIG_PATH
+
+
+def load_config(path: Path | None = None) -> Settings:
+    """Read, merge with the environment and validate; raise ConfigError listing every problem."""
+    path = resolve_config_path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["config file not found"]) from None
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read: {e.strerror}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), [f"invalid TOML: {e}"]) from None
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
+    try:
+        return Settings(**data)
+    except ValidationError as e:
+        raise ConfigError(source, [_describe(err, data) for err in e.errors()]) from None
+
+
+def _describe(err: Mapping[str, Any], data: Mapping[str, Any]) -> str:
+    path = _key_path(err["loc"], data)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    if kind == "union_tag_invalid":
+        return f"{path}.type: {err['msg']}"
+    if kind == "union_tag_not_found":
+        return f"{path}.type: required key is missing (one of: file)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if "input" in err and kind not in ("missing",) and not _is_secret(err["loc"]):
+        return f"{path}: {msg} (got {err['input']!r})"
+    return f"{path}: {msg}"
+
+
+def _is_secret(loc: tuple[Any, ...]) -> bool:
+    return bool(loc) and loc[-1] in ("dsn",)
+
+
+def _key_path(loc: tuple[Any, ...], data: Mapping[str, Any]) -> str:
+    """('sources', 0, 'file', 'pahts') -> 'sources[0].pahts' (dropping the union tag)."""
+    parts: list[str] = []
+    node: Any = data
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+            continue
+        if (
+            isinstance(node, Mapping)
+            and item not in node
+            and isinstance(node.get("type"), str)
+            and node.get("type") == item
+        ):
+            continue  # the discriminator tag pydantic inserts for tagged unions
+        parts.append(str(item))
+        node = node.get(item) if isinstance(node, Mapping) else None
+    return ".".join(parts) or "<root>"

@@ -1,0 +1,48 @@
+"""Test helpers shared by every tier: a fake clock and a condition waiter."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._mono = 1000.0
+        self._wall = start or datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def now(self) -> datetime:
+        return self._wall
+
+    def advance(self, seconds: float) -> None:
+        self._mono += seconds
+        self._wall += timedelta(seconds=seconds)
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool] | bool],
+    timeout_s: float = 20.0,
+    what: str = "condition",
+) -> None:
+    """Poll `condition` until it is true; fail naming `what` after `timeout_s`.
+
+    This waits for a state, it does not sleep to a fixed point: the test fails only
+    if the state never arrives.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
