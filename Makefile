@@ -1,0 +1,33 @@
+# The two commands of the quick start: `make run` and `make test`.
+# Only Python 3.11+ is needed: everything else is installed into .venv.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+run: $(STAMP)
+	@mkdir -p var/log
+	$(BIN)/forwarder run --config config/forwarder.dev.toml
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check forwarder tests
+
+# The throughput and memory benchmark (not a test): forwarder vs raw COPY, same run.
+bench: $(STAMP)
+	$(BIN)/python -m tests.perf.file_to_pg --lines 1000000
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "forwarder needs Python 3.11 or newer; this is " + sys.version.split()[0] + " (set PYTHON=python3.11)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) .forwarder var .pytest_cache

@@ -1,0 +1,287 @@
+"""The `forwarder` command: parse arguments, load the config, hand over to the runtime."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from forwarder import __version__
+from forwarder.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, DSN_ENV, ConfigError, load_config
+
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: the configuration cannot be used
+
+log = logging.getLogger("forwarder.cli")
+
+DESCRIPTION = """\
+Collects the logs of a small stack into one PostgreSQL table, one JSON schema per
+line (ts, service, level, event, message, meta), exactly once, even after kill -9.
+"""
+
+CONFIG_HELP = (
+    f"TOML config file (default: ${CONFIG_ENV}, then {DEFAULT_CONFIG_PATH}). Every key can be "
+    "overridden from the environment as FORWARDER_<SECTION>__<KEY>, e.g. "
+    f"{DSN_ENV}=postgresql://user@host/db"
+)
+
+RUN_EPILOG = """\
+The daemon creates or upgrades its tables at start, then tails every [[sources]]
+entry and writes each line as one row. SIGTERM or SIGINT drains: sources stop, the
+last batch commits, exit 0; a second signal, or daemon.drain_timeout_s, forces exit 1.
+With --exit-on-eof every file is read to its end once (a backfill), then the daemon
+exits 0; on a terminal it shows bytes done / total and lines per second.
+
+examples:
+  forwarder run --config config/forwarder.dev.toml
+  FORWARDER_DATABASE__DSN=postgresql://logs@db/logs forwarder run
+  forwarder run --config backfill.toml --exit-on-eof
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forwarder",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'forwarder COMMAND --help' for the options of each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"forwarder {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="run the daemon: tail the sources and write rows until SIGTERM/SIGINT",
+        description="Run the daemon: tail the configured sources, write every line to PostgreSQL.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
+    run.add_argument(
+        "--exit-on-eof",
+        action="store_true",
+        help="read every file source to its end, flush, and exit 0 (a backfill)",
+    )
+    run.set_defaults(handler=cmd_run)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate the config; print every error with its TOML key path",
+        description="Validate the config file and environment overrides without starting. "
+        "Prints every problem with its TOML key path (unknown keys are errors); exit 1 if any.",
+    )
+    check.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
+    check.set_defaults(handler=cmd_check_config)
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="create or upgrade the tables (the daemon also does this at start)",
+        description="Create or upgrade the forwarder's tables and the day partitions ahead, "
+        "then exit. Safe to run any number of times, also while daemons are running.",
+    )
+    migrate.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
+    migrate.set_defaults(handler=cmd_migrate)
+
+    recent = commands.add_parser(
+        "recent",
+        help="show the latest rows, newest first",
+        description="Show the latest rows of system_logs, newest first: the runbook's "
+        "first look after an alarm (e.g. --service api --level ERROR --since 15m).",
+    )
+    recent.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
+    recent.add_argument("--service", help="only this service (e.g. api, worker, ui)")
+    recent.add_argument(
+        "--level", type=str.upper, choices=["INFO", "WARNING", "ERROR"], help="only this level"
+    )
+    recent.add_argument(
+        "--since", default="15m", metavar="DURATION", help="how far back: 30s, 15m, 2h, 7d"
+    )
+    recent.add_argument("--limit", type=int, default=50, metavar="N", help="at most N rows")
+    recent.add_argument("--json", action="store_true", help="one JSON object per line")
+    recent.set_defaults(handler=cmd_recent)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+def _load(args: argparse.Namespace) -> Any:
+    try:
+        return load_config(args.config)
+    except ConfigError as e:
+        print(f"forwarder: invalid configuration in {e.source}:", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    if settings is None:
+        return 1
+    if not settings.database.dsn.get_secret_value().strip():
+        print(
+            f"note: database.dsn is empty; `forwarder run` will need {DSN_ENV} set",
+            file=sys.stderr,
+        )
+    names = ", ".join(s.name for s in settings.sources) or "none"
+    print(f"config OK: {len(settings.sources)} source(s) ({names})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from forwarder.logs import setup_logging
+    from forwarder.runtime import StartupError, run
+
+    settings = _load(args)
+    if settings is None:
+        return EXIT_CONFIG
+    setup_logging(settings.daemon.log_level)
+    show_progress = args.exit_on_eof and sys.stderr.isatty()
+    try:
+        return _run_async(
+            run(
+                settings,
+                exit_on_eof=args.exit_on_eof,
+                progress=_progress_bar if show_progress else None,
+            )
+        )
+    except StartupError as e:
+        log.error("cannot start: %s", e, extra={"component": "runtime"})
+        return EXIT_CONFIG
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from forwarder.logs import setup_logging
+    from forwarder.runtime import StartupError, open_database
+    from forwarder.sinks.postgres import PostgresSink
+
+    settings = _load(args)
+    if settings is None:
+        return EXIT_CONFIG
+    setup_logging(settings.daemon.log_level)
+
+    async def migrate() -> list[str]:
+        from forwarder.clock import SystemClock
+
+        clock = SystemClock()
+        database = await open_database(settings.database)
+        try:
+            sink = PostgresSink(settings.database, settings.batch, database.dsn, clock)
+            await sink.open()
+            try:
+                return await sink.migrate(clock.now().date())
+            finally:
+                await sink.aclose()
+        finally:
+            database.close()
+
+    try:
+        actions = _run_async(migrate())
+    except StartupError as e:
+        log.error("cannot start: %s", e, extra={"component": "runtime"})
+        return EXIT_CONFIG
+    for action in actions:
+        print(action)
+    print("schema up to date")
+    return 0
+
+
+def cmd_recent(args: argparse.Namespace) -> int:
+    import asyncpg
+    import orjson
+
+    from forwarder.clock import SystemClock
+    from forwarder.queries import parse_duration, recent
+    from forwarder.runtime import StartupError, open_database
+
+    try:
+        window = parse_duration(args.since)
+    except ValueError as e:
+        print(f"forwarder recent: --since: {e}", file=sys.stderr)
+        return 2
+    settings = _load(args)
+    if settings is None:
+        return EXIT_CONFIG
+
+    async def query() -> list[dict[str, Any]]:
+        database = await open_database(settings.database)
+        try:
+            conn = await asyncpg.connect(database.dsn)
+            try:
+                return await recent(
+                    conn,
+                    settings.database,
+                    since=SystemClock().now() - window,
+                    service=args.service,
+                    level=args.level,
+                    limit=args.limit,
+                )
+            finally:
+                await conn.close()
+        finally:
+            database.close()
+
+    try:
+        rows = _run_async(query())
+    except StartupError as e:
+        print(f"forwarder recent: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (OSError, asyncpg.PostgresError) as e:
+        print(f"forwarder recent: cannot query the database: {e}", file=sys.stderr)
+        return 1
+    for row in rows:
+        meta = orjson.loads(row["meta"]) if isinstance(row["meta"], str | bytes) else row["meta"]
+        if args.json:
+            line = {**row, "ts": row["ts"].isoformat(), "meta": meta}
+            print(orjson.dumps(line).decode())
+        else:
+            extra = f"  {orjson.dumps(meta).decode()}" if meta else ""
+            print(
+                f"{row['ts']:%Y-%m-%d %H:%M:%S.%f}"[:-3]
+                + f"  {row['service']:<8} {row['level']:<7} {row['event']:<20} "
+                f"{row['message']}{extra}"
+            )
+    if not rows and sys.stdout.isatty():
+        print(f"no rows in the last {args.since}", file=sys.stderr)
+    return 0
+
+
+def _run_async(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+async def _progress_bar(pipeline: Any) -> None:
+    """Bytes done / total and committed lines per second, redrawn on stderr."""
+    start = time.monotonic()
+
+    def draw(final: bool = False) -> None:
+        done, total = pipeline.progress()
+        rows = pipeline.sink.rows_written
+        elapsed = max(time.monotonic() - start, 1e-6)
+        pct = 100.0 * done / total if total else 100.0
+        sys.stderr.write(
+            f"\r{done / 1e6:,.1f} / {total / 1e6:,.1f} MB ({pct:5.1f}%)  "
+            f"{rows:,} rows  {rows / elapsed:,.0f} lines/s   "
+        )
+        if final:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    try:
+        while True:
+            draw()
+            await asyncio.sleep(0.5)
+    except asyncio.CancelledError:
+        draw(final=True)
+        raise

@@ -1,0 +1,253 @@
+"""Builds every component from the config and supervises them in one TaskGroup.
+
+Flow: sources -> raw queue -> normalize -> event queue -> PostgreSQL sink. Each arrow
+is one bounded asyncio.Queue, so a slow database slows reading. The first SIGTERM or
+SIGINT starts a drain in flow order (sources stop, queues empty, the last batch
+commits); a second signal or the drain deadline forces exit with a non-zero status.
+Signals are handled here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from forwarder.clock import Clock, SystemClock
+from forwarder.config import DSN_ENV, EMBEDDED_DSN, DatabaseConfig, Settings
+from forwarder.event import EventChunk, RawChunk
+from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream, NormalizeStage
+from forwarder.sinks.embedded import EmbeddedServer, start_embedded
+from forwarder.sinks.postgres import PostgresSink
+from forwarder.sources.file import FileSource
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FORCED = 1
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says what to fix."""
+
+
+@dataclass
+class Database:
+    """Where rows go: a DSN, and the embedded server behind it if we started one."""
+
+    dsn: str
+    embedded: EmbeddedServer | None = None
+
+    def close(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+async def open_database(db: DatabaseConfig) -> Database:
+    """Resolve database.dsn: a real DSN, or "embedded" (start the private cluster)."""
+    dsn = db.dsn.get_secret_value().strip()
+    if not dsn:
+        raise StartupError(
+            f"database.dsn is empty: set {DSN_ENV} to the PostgreSQL DSN to write into "
+            f'(or set dsn = "{EMBEDDED_DSN}" in the config for a private database on this machine)'
+        )
+    if dsn != EMBEDDED_DSN:
+        return Database(dsn)
+    pgdata = db.data_dir / "pg"
+    log.info("starting embedded PostgreSQL in %s", pgdata, extra={"component": "database"})
+    server = await asyncio.to_thread(start_embedded, pgdata)
+    log.info(
+        "embedded PostgreSQL ready; connect with: psql '%s'",
+        server.dsn,
+        extra={"component": "database", "dsn": server.dsn, "event": "embedded.ready"},
+    )
+    return Database(server.dsn, server)
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN without its password, for logs."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<unparseable dsn>"
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return dsn
+
+
+@dataclass
+class Pipeline:
+    """Everything `run` builds; kept together so status and progress can read it."""
+
+    settings: Settings
+    sink: PostgresSink
+    sources: list[FileSource]
+    normalize: NormalizeStage
+    raw_q: asyncio.Queue[RawChunk | EndOfStream]
+    event_q: asyncio.Queue[EventChunk | EndOfStream]
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def progress(self) -> tuple[int, int]:
+        done = total = 0
+        for source in self.sources:
+            d, t = source.progress()
+            done += d
+            total += t
+        return done, total
+
+
+# A progress display: a coroutine over the running pipeline, cancelled when it ends.
+ProgressReporter = Callable[[Pipeline], Coroutine[Any, Any, None]]
+
+
+async def run(
+    settings: Settings,
+    *,
+    exit_on_eof: bool = False,
+    clock: Clock | None = None,
+    on_started: Callable[[Pipeline], None] | None = None,
+    progress: ProgressReporter | None = None,
+) -> int:
+    """Run the daemon until a signal (or, with exit_on_eof, until every file is read)."""
+    clock = clock or SystemClock()
+    database = await open_database(settings.database)
+    try:
+        return await _run_pipeline(settings, database, exit_on_eof, clock, on_started, progress)
+    finally:
+        database.close()
+
+
+async def _run_pipeline(
+    settings: Settings,
+    database: Database,
+    exit_on_eof: bool,
+    clock: Clock,
+    on_started: Callable[[Pipeline], None] | None,
+    progress: ProgressReporter | None,
+) -> int:
+    db = settings.database
+    sink = PostgresSink(db, settings.batch, database.dsn, clock)
+    await sink.open()
+    try:
+        for action in await sink.migrate(clock.now().date()):
+            log.info("migrate: %s", action, extra={"component": "database"})
+        sources = [
+            FileSource(cfg, await sink.load_checkpoints(cfg.name), clock, exit_on_eof=exit_on_eof)
+            for cfg in settings.sources
+        ]
+        size = settings.pipeline.queue_chunks
+        pipeline = Pipeline(
+            settings=settings,
+            sink=sink,
+            sources=sources,
+            normalize=NormalizeStage(clock),
+            raw_q=asyncio.Queue(maxsize=size),
+            event_q=asyncio.Queue(maxsize=size),
+        )
+        _log_startup(settings, database)
+        if on_started is not None:
+            on_started(pipeline)
+        return await _supervise(pipeline, progress)
+    finally:
+        await sink.aclose()
+
+
+def _log_startup(settings: Settings, database: Database) -> None:
+    db = settings.database
+    target = f"{db.schema_name}.{db.table}"
+    log.info(
+        "writing to %s at %s",
+        target,
+        redact_dsn(database.dsn),
+        extra={"component": "runtime", "event": "startup.sink"},
+    )
+    if not settings.sources:
+        log.warning("no sources configured: nothing to read", extra={"component": "runtime"})
+    for cfg in settings.sources:
+        log.info(
+            "source %s (%s): tailing %s as service %s, new files from the %s",
+            cfg.name,
+            cfg.type,
+            ", ".join(cfg.paths),
+            cfg.service,
+            cfg.read_from,
+            extra={"component": "runtime", "event": "startup.source", "source": cfg.name},
+        )
+
+
+async def _supervise(pipeline: Pipeline, progress: ProgressReporter | None) -> int:
+    """One TaskGroup for every loop; signals turn into stop (first) and force (second)."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    forced = False
+    drain_timeout_s = pipeline.settings.daemon.drain_timeout_s
+    deadline: asyncio.TimerHandle | None = None
+
+    def force(reason: str) -> None:
+        nonlocal forced
+        if not forced:
+            forced = True
+            log.error("forced exit: %s", reason, extra={"component": "runtime"})
+            main.cancel()
+
+    def on_signal(signum: int) -> None:
+        nonlocal deadline
+        name = signal.Signals(signum).name
+        if pipeline.stop.is_set():
+            force(f"second {name} during drain")
+            return
+        log.info(
+            "%s received: draining (at most %.0fs)",
+            name,
+            drain_timeout_s,
+            extra={"component": "runtime", "event": "shutdown.drain"},
+        )
+        pipeline.stop.set()
+        deadline = loop.call_later(
+            drain_timeout_s, force, f"drain took longer than {drain_timeout_s}s"
+        )
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    reporter = asyncio.create_task(progress(pipeline)) if progress is not None else None
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_run_sources(pipeline), name="sources")
+            normalize = pipeline.normalize.run(pipeline.raw_q, pipeline.event_q)
+            tg.create_task(normalize, name="normalize")
+            tg.create_task(pipeline.sink.run(pipeline.event_q), name="sink")
+    except asyncio.CancelledError:
+        if forced:
+            main.uncancel()  # the cancel was ours; let the clean-up below await normally
+            return EXIT_FORCED
+        raise
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        if deadline is not None:
+            deadline.cancel()
+        if reporter is not None:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+    log.info(
+        "stopped: %d rows written",
+        pipeline.sink.rows_written,
+        extra={"component": "runtime", "event": "shutdown.done"},
+    )
+    return EXIT_OK
+
+
+async def _run_sources(pipeline: Pipeline) -> None:
+    """Run every source; once all have returned, end the stream for the stages."""
+    async with asyncio.TaskGroup() as tg:
+        for source in pipeline.sources:
+            tg.create_task(source.run(pipeline.raw_q, pipeline.stop), name=f"source:{source}")
+    await pipeline.raw_q.put(END_OF_STREAM)

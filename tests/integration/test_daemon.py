@@ -1,0 +1,347 @@
+"""The whole daemon as a real child process against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import sys
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+
+from tests.integration.daemon import Daemon, count_rows, write_config
+from tests.support import wait_until
+
+
+def schema_line(seq: int, service: str = "api") -> bytes:
+    return (
+        orjson.dumps(
+            {
+                "ts": "2026-11-26T12:00:00.123Z",
+                "service": service,
+                "level": "INFO" if seq % 10 else "ERROR",
+                "event": "test.seq",
+                "message": f"line {seq}",
+                "meta": {"seq": seq},
+            }
+        )
+        + b"\n"
+    )
+
+
+async def assert_each_seq_once(dsn: str, schema: str, expected: int) -> None:
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
+    try:
+        total, distinct = await conn.fetchrow(
+            "SELECT count(*), count(DISTINCT (meta->>'seq')::bigint) FROM system_logs"
+        )
+    finally:
+        await conn.close()
+    assert (total, distinct) == (expected, expected), "rows stored vs distinct lines"
+
+
+async def test_lines_become_rows_and_sigterm_drains(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = write_config(
+        tmp_path / "f.toml", dsn=pg_dsn, schema=pg_schema, files={"app": [str(logs / "*.log")]}
+    )
+    (logs / "app.log").write_bytes(b"".join(schema_line(i) for i in range(1000)))
+    daemon = await Daemon(config).start()
+    try:
+        await wait_until(lambda: count_rows(pg_dsn, pg_schema), what="first rows")
+        await wait_until(lambda: _count_is(pg_dsn, pg_schema, 1000), what="1000 rows")
+        with (logs / "app.log").open("ab") as f:
+            f.write(b"ERROR:app.db:connection lost\n")
+        await wait_until(lambda: _count_is(pg_dsn, pg_schema, 1001), what="text line row")
+    finally:
+        code = await daemon.stop()
+    assert code == 0, daemon.stderr()
+    conn = await asyncpg.connect(pg_dsn, server_settings={"search_path": pg_schema})
+    try:
+        row = await conn.fetchrow(
+            "SELECT ts, service, level, event, message, meta FROM system_logs "
+            "WHERE message = 'connection lost'"
+        )
+        first = await conn.fetchrow("SELECT * FROM system_logs WHERE message = 'line 0'")
+        checkpoint = await conn.fetchrow("SELECT * FROM forwarder_checkpoints")
+    finally:
+        await conn.close()
+    assert (row["service"], row["level"], row["event"]) == ("app", "ERROR", "log")
+    assert orjson.loads(row["meta"])["logger"] == "app.db"
+    assert first["service"] == "api"  # the line's own service wins over the source's
+    assert first["level"] == "ERROR" and first["event"] == "test.seq"
+    assert first["ts"].isoformat() == "2026-11-26T12:00:00.123000+00:00"
+    assert orjson.loads(first["meta"]) == {"seq": 0}
+    assert checkpoint["source"] == "app"
+    assert checkpoint["offset"] == (logs / "app.log").stat().st_size
+    stderr = daemon.stderr()
+    assert "startup.source" in stderr and "shutdown.done" in stderr
+
+
+async def _count_is(dsn: str, schema: str, n: int) -> bool:
+    count = await count_rows(dsn, schema)
+    assert count <= n, f"more rows than lines: {count} > {n}"
+    return count == n
+
+
+async def test_kill_9_mid_stream_loses_and_duplicates_nothing(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    """Two files written continuously; the daemon is SIGKILLed three times and restarted."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = write_config(
+        tmp_path / "f.toml",
+        dsn=pg_dsn,
+        schema=pg_schema,
+        files={"a": [str(logs / "a.log")], "b": [str(logs / "b.log")]},
+        max_rows=300,
+        max_delay_s=0.02,
+    )
+    total = 30_000
+    rng = random.Random(7)
+    written = 0
+
+    async def writer() -> None:
+        nonlocal written
+        files = [(logs / "a.log").open("ab"), (logs / "b.log").open("ab")]
+        try:
+            while written < total:
+                burst = min(rng.randint(50, 400), total - written)
+                f = files[rng.randrange(2)]
+                f.write(b"".join(schema_line(written + i) for i in range(burst)))
+                f.flush()
+                written += burst
+                await asyncio.sleep(0.002)
+        finally:
+            for f in files:
+                f.close()
+
+    writing = asyncio.create_task(writer())
+    daemon = await Daemon(config).start()
+    kills = 0
+    try:
+        for _ in range(3):
+            target = await count_rows(pg_dsn, pg_schema) + rng.randint(2000, 6000)
+            await wait_until(lambda t=target: _at_least(pg_dsn, pg_schema, t), what="progress")
+            await daemon.kill9()
+            kills += 1
+            daemon = await Daemon(config).start()
+        await writing
+        await wait_until(
+            lambda: _count_is(pg_dsn, pg_schema, total),
+            timeout_s=60,
+            what=f"all {total} lines stored",
+        )
+    finally:
+        writing.cancel()
+        code = await daemon.stop()
+    assert kills == 3
+    assert code == 0, daemon.stderr()
+    await assert_each_seq_once(pg_dsn, pg_schema, total)
+
+
+async def _at_least(dsn: str, schema: str, n: int) -> bool:
+    return await count_rows(dsn, schema) >= n
+
+
+async def test_terminated_connections_lose_and_duplicate_nothing(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = write_config(
+        tmp_path / "f.toml",
+        dsn=pg_dsn,
+        schema=pg_schema,
+        files={"a": [str(logs / "a.log")]},
+        max_rows=200,
+        max_delay_s=0.01,
+    )
+    total = 20_000
+    daemon = await Daemon(config).start()
+    admin = await asyncpg.connect(pg_dsn)
+    terminated = 0
+    try:
+        with (logs / "a.log").open("ab") as f:
+            for start in range(0, total, 500):
+                f.write(b"".join(schema_line(i) for i in range(start, start + 500)))
+                f.flush()
+                if start % 4000 == 0:
+                    terminated += await admin.fetchval(
+                        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
+                        "pg_stat_activity WHERE application_name = 'forwarder' "
+                        "AND pid <> pg_backend_pid()) t"
+                    )
+                await asyncio.sleep(0.01)
+        await wait_until(
+            lambda: _count_is(pg_dsn, pg_schema, total),
+            timeout_s=60,
+            what=f"all {total} lines stored",
+        )
+    finally:
+        await admin.close()
+        code = await daemon.stop()
+    assert terminated >= 3, "the test must actually cut connections"
+    assert code == 0, daemon.stderr()
+    await assert_each_seq_once(pg_dsn, pg_schema, total)
+
+
+async def test_exit_on_eof_backfills_and_exits(tmp_path: Path, pg_dsn: str, pg_schema: str) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "old.log").write_bytes(b"".join(schema_line(i) for i in range(5000)) + b"no newline")
+    config = write_config(
+        tmp_path / "f.toml", dsn=pg_dsn, schema=pg_schema, files={"old": [str(logs / "*.log")]}
+    )
+    daemon = await Daemon(config, "--exit-on-eof").start()
+    code = await daemon.wait(60)
+    assert code == 0, daemon.stderr()
+    assert await count_rows(pg_dsn, pg_schema) == 5001
+    # A second backfill finds everything committed and writes nothing.
+    code = await (await Daemon(config, "--exit-on-eof").start()).wait(60)
+    assert code == 0
+    assert await count_rows(pg_dsn, pg_schema) == 5001
+
+
+async def test_rotation_under_a_running_daemon(tmp_path: Path, pg_dsn: str, pg_schema: str) -> None:
+    """rename+create and copytruncate rotations while lines are written; a kill -9 between."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = write_config(
+        tmp_path / "f.toml", dsn=pg_dsn, schema=pg_schema, files={"r": [str(logs / "app.log")]}
+    )
+    live = logs / "app.log"
+    daemon = await Daemon(config).start()
+    seq = 0
+
+    def append(n: int) -> None:
+        nonlocal seq
+        with live.open("ab") as f:
+            f.write(b"".join(schema_line(seq + i) for i in range(n)))
+        seq += n
+
+    try:
+        for round_ in range(4):
+            append(2000)
+            live.rename(logs / f"app.log.{round_}")  # rename + create
+            append(500)
+            await wait_until(lambda s=seq: _count_is(pg_dsn, pg_schema, s), what="renamed rows")
+            if round_ == 1:
+                await daemon.kill9()
+                daemon = await Daemon(config).start()
+        append(1000)
+        await wait_until(lambda s=seq: _count_is(pg_dsn, pg_schema, s), what="before truncate")
+        (logs / "app.log.copy").write_bytes(live.read_bytes())  # copytruncate
+        with live.open("r+b") as f:
+            f.truncate(0)
+        append(300)
+        await wait_until(lambda s=seq: _count_is(pg_dsn, pg_schema, s), what="after truncate")
+    finally:
+        code = await daemon.stop()
+    assert code == 0, daemon.stderr()
+    await assert_each_seq_once(pg_dsn, pg_schema, seq)
+
+
+async def test_empty_dsn_refuses_to_start_and_names_the_variable(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "f.toml", dsn="", schema="public", files={})
+    daemon = await Daemon(config).start()
+    code = await daemon.wait(30)
+    assert code == 78
+    assert "FORWARDER_DATABASE__DSN" in daemon.stderr()
+
+
+async def test_embedded_database_on_a_bare_laptop(tmp_path: Path) -> None:
+    """dsn = "embedded": the daemon starts its own PostgreSQL and prints its DSN."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "app.log").write_bytes(b"".join(schema_line(i) for i in range(100)))
+    config = write_config(
+        tmp_path / "f.toml",
+        dsn="embedded",
+        schema="public",
+        files={"app": [str(logs / "*.log")]},
+        data_dir=tmp_path / "data",
+    )
+    daemon = await Daemon(config, "--exit-on-eof").start()
+    code = await daemon.wait(120)
+    assert code == 0, daemon.stderr()
+    ready = [
+        orjson.loads(line) for line in daemon.stderr().splitlines() if '"embedded.ready"' in line
+    ]
+    assert ready, daemon.stderr()
+    dsn = ready[0]["meta"]["dsn"]
+    assert str(tmp_path / "data" / "pg") in dsn
+    from forwarder.sinks.embedded import start_embedded
+
+    server = await asyncio.to_thread(start_embedded, tmp_path / "data" / "pg")
+    try:
+        assert await count_rows(server.dsn, "public") == 100
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_either_signal_drains_with_status_0(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, signum: int
+) -> None:
+    """max_delay_s is 60 s: a prompt exit 0 with rows stored means the drain flushed."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = write_config(
+        tmp_path / "f.toml",
+        dsn=pg_dsn,
+        schema=pg_schema,
+        files={"a": [str(logs / "a.log")]},
+        max_rows=1000,
+        max_delay_s=60,
+    )
+    (logs / "a.log").write_bytes(b"".join(schema_line(i) for i in range(2500)))
+    daemon = await Daemon(config).start()
+    # The first full batch (1000 rows by size) shows reading is under way.
+    await wait_until(lambda: _at_least(pg_dsn, pg_schema, 1000), what="first batch")
+    daemon.signal(signum)
+    assert await daemon.wait(20) == 0, daemon.stderr()
+    # Whatever was read before the signal is committed; a restart reads exactly the rest.
+    code = await (await Daemon(config, "--exit-on-eof").start()).wait(60)
+    assert code == 0
+    await assert_each_seq_once(pg_dsn, pg_schema, 2500)
+
+
+def test_check_config_names_every_error(tmp_path: Path) -> None:
+    import subprocess
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[database]\ndsn = "x"\ntabel = "y"\n[batch]\nmax_rows = -5\n'
+        '[[sources]]\ntype = "file"\nname = "ui"\nservice = "ui"\npahts = ["/x"]\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "forwarder", "check-config", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    for expected in (
+        "database.tabel: unknown key",
+        "batch.max_rows:",
+        "sources[0].pahts: unknown key",
+        "sources[0].paths: required key is missing",
+    ):
+        assert expected in result.stderr
+    good = subprocess.run(
+        [sys.executable, "-m", "forwarder", "check-config", "--config", "config/forwarder.toml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert good.returncode == 0, good.stderr
+    assert "config OK" in good.stdout
