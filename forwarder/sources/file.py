@@ -1,0 +1,515 @@
+"""Tail log files: glob, follow by identity (dev:ino), rotation, truncation, long lines.
+
+The pure part is `LineSplitter` (bytes in, complete lines out, bounded memory). The
+async part is `FileSource.run`: every round it reads at most `read_budget_bytes` from
+each tracked file with `os.pread` on an fd it holds and puts one `RawChunk` per read on
+the output queue (awaiting `put` is the backpressure). A chunk's position is the byte
+just after its last complete line, so committing it with the rows is exact.
+
+Files are tracked by identity with an open fd, not by path: when a path names another
+file (rename + create), the old file is kept and read to its end until it has not grown
+for `rotate_wait_s` (or it was deleted), and the new file is read from its head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import glob
+import hashlib
+import logging
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from forwarder.clock import Clock
+from forwarder.config import FileSourceConfig
+from forwarder.event import Position, RawChunk
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "source.file"
+# Identities of files closed after rotate_wait, remembered so that a file that shows up
+# again under a watched path resumes instead of being read twice. Bounded, oldest first out.
+MAX_REMEMBERED = 4096
+
+
+class LineSplitter:
+    """Bytes in, complete lines out; holds at most `max_line_bytes + 1` bytes of a partial line.
+
+    `feed(data)` returns `(lines, truncated)`: the lines completed by `data` (without the
+    `\\n`, and without one `\\r` before it) and the indices of those cut at
+    `max_line_bytes`. Of a line longer than that, only the first `max_line_bytes` are
+    kept; the rest up to its newline is dropped as it arrives, never buffered.
+    `pending_bytes` is how many bytes fed since the last newline are not yet part of a
+    line: the caller's read offset minus it is the offset just after the last line.
+    """
+
+    __slots__ = ("_cut", "_max", "_skip", "_tail", "pending_bytes")
+
+    def __init__(self, max_line_bytes: int, *, skip_first_line: bool = False) -> None:
+        if max_line_bytes < 1:
+            raise ValueError("max_line_bytes must be at least 1")
+        self._max = max_line_bytes
+        self._tail = bytearray()  # start of the unfinished line (<= max + 1 bytes)
+        self._cut = False  # the unfinished line is over max: _tail is its kept prefix
+        self._skip = skip_first_line  # drop everything up to the next newline, emit nothing
+        self.pending_bytes = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the unfinished line held in memory (at most max_line_bytes + 1)."""
+        return len(self._tail)
+
+    def reset(self) -> None:
+        """Forget the unfinished line (the file was truncated)."""
+        self._tail = bytearray()
+        self._cut = False
+        self._skip = False
+        self.pending_bytes = 0
+
+    def feed(self, data: bytes) -> tuple[list[bytes], list[int]]:
+        first_nl = data.find(b"\n")
+        if first_nl < 0:
+            self._hold(data, 0)
+            self.pending_bytes += len(data)
+            return [], []
+        lines: list[bytes] = []
+        truncated: list[int] = []
+        # 1. The line that was pending before this data (or starts it).
+        if self._skip:
+            self._skip = False
+        else:
+            line, cut = self._complete(data, first_nl)
+            if cut:
+                truncated.append(0)
+            lines.append(line)
+        self._tail = bytearray()
+        self._cut = False
+        # 2. Every whole line between the first and the last newline: one split.
+        last_nl = data.rfind(b"\n")
+        if last_nl > first_nl:
+            middle = data[first_nl + 1 : last_nl + 1]
+            if b"\r" in middle:
+                middle = middle.replace(b"\r\n", b"\n")
+            parts = middle.split(b"\n")
+            parts.pop()  # the empty string after the final newline
+            if len(middle) > self._max + 1 and max(map(len, parts)) > self._max:
+                base = len(lines)
+                for i, part in enumerate(parts):
+                    if len(part) > self._max:
+                        parts[i] = part[: self._max]
+                        truncated.append(base + i)
+            lines.extend(parts)
+        # 3. The unfinished rest.
+        self._hold(data, last_nl + 1)
+        self.pending_bytes = len(data) - last_nl - 1
+        return lines, truncated
+
+    def flush(self) -> tuple[bytes, bool] | None:
+        """End of input: the unfinished line as if a newline followed, or None."""
+        if self._skip or self.pending_bytes == 0:
+            self.reset()
+            return None
+        line = bytes(self._tail)
+        cut = self._cut
+        if not cut:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > self._max:
+                line, cut = line[: self._max], True
+        self.reset()
+        return line, cut
+
+    def _complete(self, data: bytes, nl: int) -> tuple[bytes, bool]:
+        """The held start of a line plus data[:nl]: the line and whether it was cut."""
+        if self._cut:
+            return bytes(self._tail), True
+        held = len(self._tail)
+        if held + nl <= self._max + 1:  # + 1: room for a \r that is stripped
+            line = bytes(self._tail) + data[:nl] if held else data[:nl]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > self._max:
+                return line[: self._max], True
+            return line, False
+        if held >= self._max:
+            return bytes(self._tail[: self._max]), True
+        return bytes(self._tail) + data[: self._max - held], True
+
+    def _hold(self, data: bytes, start: int) -> None:
+        """Keep data[start:] (no newline in it) as the start of the unfinished line."""
+        if self._skip or self._cut:
+            return
+        size = len(data) - start
+        held = len(self._tail)
+        if held + size <= self._max + 1:
+            self._tail += data[start:] if start else data
+            return
+        # Over the limit even without a final \r: keep the first max bytes, drop the rest.
+        if held < self._max:
+            self._tail += data[start : start + self._max - held]
+        else:
+            del self._tail[self._max :]
+        self._cut = True
+
+
+@dataclass(eq=False)
+class _TrackedFile:
+    key: str  # f"{st_dev}:{st_ino}"
+    path: str
+    fd: int
+    offset: int  # bytes consumed (read offset)
+    size: int
+    splitter: LineSplitter
+    last_growth: float
+    rotated: bool = False  # no watched path names this file any more
+    deleted: bool = False
+    fp: str = ""
+    fp_len: int = -1  # -1: not computed yet
+    read_error: bool = False
+
+
+class FileSource:
+    """Tails the files matched by `config.paths`; resumes from committed positions."""
+
+    def __init__(
+        self,
+        config: FileSourceConfig,
+        checkpoints: Mapping[str, Position],
+        clock: Clock,
+        *,
+        exit_on_eof: bool = False,
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._exit_on_eof = exit_on_eof
+        # stream key -> Position to verify and resume from; each is used at most once
+        # (an inode can be reused after its file was deleted).
+        self._resume: dict[str, Position] = dict(checkpoints)
+        self._files: dict[str, _TrackedFile] = {}
+        self._warned: set[tuple[str, str]] = set()
+        self._log_extra = {"component": COMPONENT, "source": config.name}
+        self._state = "starting"
+        self._scans = 0
+        self.lines_read = 0
+        self.bytes_read = 0
+        self.lines_truncated = 0
+        self.truncations_detected = 0
+        self.rotations_detected = 0
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self._state,
+            "files": [
+                {
+                    "path": f.path,
+                    "stream": f.key,
+                    "offset": f.offset,
+                    "size": f.size,
+                    "rotated": f.rotated,
+                }
+                for f in self._files.values()
+            ],
+            "lines_read": self.lines_read,
+            "bytes_read": self.bytes_read,
+            "lines_truncated": self.lines_truncated,
+            "truncations_detected": self.truncations_detected,
+            "rotations_detected": self.rotations_detected,
+            "scans": self._scans,
+        }
+
+    def progress(self) -> tuple[int, int]:
+        """(bytes read so far, bytes read so far + bytes still unread in open files)."""
+        remaining = sum(max(0, f.size - f.offset) for f in self._files.values())
+        return self.bytes_read, self.bytes_read + remaining
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def run(self, out: asyncio.Queue[RawChunk], stop: asyncio.Event) -> None:
+        cfg = self._config
+        self._state = "ok"
+        try:
+            self._scan()
+            next_scan = self._clock.monotonic() + cfg.glob_interval_s
+            while not stop.is_set():
+                if not self._exit_on_eof and self._clock.monotonic() >= next_scan:
+                    self._scan()
+                    next_scan = self._clock.monotonic() + cfg.glob_interval_s
+                had_data = False
+                for f in list(self._files.values()):
+                    if stop.is_set():
+                        return
+                    chunk, got = self._read(f)
+                    had_data = had_data or got
+                    if not got:  # at its end: maybe done with it
+                        if self._exit_on_eof:
+                            chunk = self._finish(f)
+                        elif f.rotated:
+                            chunk = self._maybe_release(f)
+                    if chunk is not None and not await self._emit(out, chunk, stop):
+                        return
+                if self._exit_on_eof and not self._files:
+                    return
+                if had_data:
+                    await asyncio.sleep(0)  # let the consumers run between rounds
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(cfg.poll_interval_s):
+                            await stop.wait()
+        finally:
+            for f in list(self._files.values()):
+                self._close(f)
+            self._state = "stopped"
+
+    async def _emit(
+        self, out: asyncio.Queue[RawChunk], chunk: RawChunk, stop: asyncio.Event
+    ) -> bool:
+        """Put the chunk; False if stop came first while the queue was full (chunk dropped:
+        its position was never committed, so its lines are read again after a restart)."""
+        try:
+            out.put_nowait(chunk)
+        except asyncio.QueueFull:
+            put = asyncio.ensure_future(out.put(chunk))
+            stopped = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait((put, stopped), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+                if not put.done():
+                    put.cancel()
+            if not put.done() or put.cancelled():
+                return False
+        self.lines_read += len(chunk.lines)
+        self.lines_truncated += len(chunk.truncated)
+        return True
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _read(self, f: _TrackedFile) -> tuple[RawChunk | None, bool]:
+        """One read of at most read_budget_bytes: (chunk or None, whether bytes were read)."""
+        try:
+            st = os.fstat(f.fd)
+            f.size = st.st_size
+            f.deleted = st.st_nlink == 0
+            if st.st_size < f.offset:
+                self._truncated(f)
+            want = min(f.size - f.offset, self._config.read_budget_bytes)
+            if want <= 0:
+                return None, False
+            data = os.pread(f.fd, want, f.offset)
+        except OSError as e:
+            if not f.read_error:
+                f.read_error = True
+                log.warning("cannot read %s: %s", f.path, e.strerror, extra=self._log_extra)
+            return None, False
+        f.read_error = False
+        if not data:
+            return None, False
+        f.offset += len(data)
+        self.bytes_read += len(data)
+        f.last_growth = self._clock.monotonic()
+        lines, truncated = f.splitter.feed(data)
+        if not lines:
+            return None, True
+        return self._chunk(f, lines, truncated, f.offset - f.splitter.pending_bytes), True
+
+    def _finish(self, f: _TrackedFile) -> RawChunk | None:
+        """f is read to its end and done with: close it; a chunk of its unfinished line."""
+        rest = f.splitter.flush()
+        chunk = None
+        if rest is not None:
+            line, cut = rest
+            chunk = self._chunk(f, [line], [0] if cut else [], f.offset)
+        self._close(f)
+        return chunk
+
+    def _chunk(
+        self, f: _TrackedFile, lines: list[bytes], truncated: list[int], offset: int
+    ) -> RawChunk:
+        self._refresh_fingerprint(f)
+        cfg = self._config
+        return RawChunk(
+            source=cfg.name,
+            service=cfg.service,
+            lines=lines,
+            position=Position(
+                cfg.name, f.key, offset, {"path": f.path, "fp": f.fp, "fp_len": f.fp_len}
+            ),
+            truncated=frozenset(truncated),
+        )
+
+    def _refresh_fingerprint(self, f: _TrackedFile) -> None:
+        """Hash the first min(size, fingerprint_bytes) bytes unless already done."""
+        want = min(f.size, self._config.fingerprint_bytes)
+        if f.fp_len < want:
+            # On a read error the old (shorter) fingerprint stays: a resume then starts
+            # the file at 0, which repeats lines rather than losing any.
+            with contextlib.suppress(OSError):
+                f.fp, f.fp_len = _fingerprint(f.fd, want)
+
+    def _truncated(self, f: _TrackedFile) -> None:
+        log.info(
+            "%s was truncated (size %d < offset %d); reading it again from the start",
+            f.path,
+            f.size,
+            f.offset,
+            extra=self._log_extra,
+        )
+        self.truncations_detected += 1
+        f.offset = 0
+        f.splitter.reset()
+        f.fp_len = -1
+
+    # -- discovery and lifetime --------------------------------------------------------
+
+    def _scan(self) -> None:
+        """Match the globs; open new files; notice rotation (a path naming another file)."""
+        first = self._scans == 0
+        self._scans += 1
+        seen: dict[str, str] = {}  # key -> path
+        for path in self._matched_paths():
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                self._warn_once(path, "stat", "cannot stat %s: %s", path, e.strerror)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                self._warn_once(path, "type", "skipping %s: %s", path, kind)
+                continue
+            key = f"{st.st_dev}:{st.st_ino}"
+            if key in seen:
+                continue  # a second link to a file already matched
+            if key not in self._files:
+                key = self._open(path, first)
+                if key is None:
+                    continue
+            seen[key] = path
+        for key, f in self._files.items():
+            path = seen.get(key)
+            if path is not None and path != f.path:
+                self.rotations_detected += 1
+                log.info("%s was renamed to %s", f.path, path, extra=self._log_extra)
+                f.path = path
+            if path is not None:
+                f.rotated = False
+            elif not f.rotated:
+                f.rotated = True
+                f.last_growth = self._clock.monotonic()
+                self.rotations_detected += 1
+                log.info(
+                    "%s now names another file or none; reading the old one to its end",
+                    f.path,
+                    extra=self._log_extra,
+                )
+
+    def _matched_paths(self) -> list[str]:
+        paths: set[str] = set()
+        for pattern in self._config.paths:
+            paths.update(glob.glob(pattern, recursive=True))
+        excludes = self._config.exclude
+        return sorted(p for p in paths if not any(fnmatch.fnmatch(p, x) for x in excludes))
+
+    def _open(self, path: str, first_scan: bool) -> str | None:
+        """Open and start tracking the file at path; its key, or None if it was skipped."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            self._warn_once(path, "open", "cannot open %s: %s", path, e.strerror)
+            return None
+        try:
+            st = os.fstat(fd)
+            key = f"{st.st_dev}:{st.st_ino}"
+            if not stat.S_ISREG(st.st_mode) or key in self._files:
+                os.close(fd)
+                return key if key in self._files else None
+            offset, skip = self._start_offset(fd, key, st.st_size, first_scan)
+        except OSError as e:
+            os.close(fd)
+            self._warn_once(path, "open", "cannot read %s: %s", path, e.strerror)
+            return None
+        self._warned = {w for w in self._warned if w[0] != path}
+        self._files[key] = _TrackedFile(
+            key=key,
+            path=path,
+            fd=fd,
+            offset=offset,
+            size=st.st_size,
+            splitter=LineSplitter(self._config.max_line_bytes, skip_first_line=skip),
+            last_growth=self._clock.monotonic(),
+        )
+        log.debug("tailing %s (%s) from offset %d", path, key, offset, extra=self._log_extra)
+        return key
+
+    def _start_offset(self, fd: int, key: str, size: int, first_scan: bool) -> tuple[int, bool]:
+        """Where a newly opened file starts, and whether to skip a partial first line."""
+        checkpoint = self._resume.pop(key, None)
+        if checkpoint is not None:
+            return _verified_offset(fd, checkpoint, size), False
+        if first_scan and self._config.read_from == "tail" and size > 0:
+            # Existing content is skipped; so is the rest of a line being written now.
+            return size, os.pread(fd, 1, size - 1) != b"\n"
+        return 0, False
+
+    def _maybe_release(self, f: _TrackedFile) -> RawChunk | None:
+        """A rotated-away file at its end: once deleted or idle for rotate_wait_s, close it.
+
+        Nothing will complete its unfinished last line any more, so that is emitted.
+        """
+        idle = self._clock.monotonic() - f.last_growth
+        if not f.deleted and idle < self._config.rotate_wait_s:
+            return None
+        log.info("done with rotated %s (%s)", f.path, f.key, extra=self._log_extra)
+        if not f.deleted:  # it may show up again under a watched path: resume, not repeat
+            self._refresh_fingerprint(f)
+            self._resume.pop(f.key, None)
+            self._resume[f.key] = Position(
+                self._config.name,
+                f.key,
+                f.offset,
+                {"path": f.path, "fp": f.fp, "fp_len": f.fp_len},
+            )
+            while len(self._resume) > MAX_REMEMBERED:
+                del self._resume[next(iter(self._resume))]
+        return self._finish(f)
+
+    def _close(self, f: _TrackedFile) -> None:
+        if self._files.get(f.key) is f:
+            del self._files[f.key]
+        with contextlib.suppress(OSError):
+            os.close(f.fd)
+        log.debug("closed %s (%s)", f.path, f.key, extra=self._log_extra)
+
+    def _warn_once(self, path: str, reason: str, msg: str, *args: Any) -> None:
+        if (path, reason) not in self._warned:
+            self._warned.add((path, reason))
+            log.warning(msg, *args, extra=self._log_extra)
+
+
+def _fingerprint(fd: int, length: int) -> tuple[str, int]:
+    """(hex sha1 of the first `length` bytes, bytes actually hashed)."""
+    data = os.pread(fd, length, 0) if length > 0 else b""
+    return hashlib.sha1(data, usedforsecurity=False).hexdigest(), len(data)
+
+
+def _verified_offset(fd: int, checkpoint: Position, size: int) -> int:
+    """The checkpoint's offset if this is the file it was taken on, else 0 (a new file)."""
+    detail = checkpoint.detail
+    fp, fp_len = detail.get("fp"), detail.get("fp_len")
+    if not isinstance(fp, str) or not isinstance(fp_len, int) or fp_len < 0:
+        return 0
+    if size < fp_len or size < checkpoint.offset:
+        return 0  # shorter than when the checkpoint was taken: truncated or replaced
+    if _fingerprint(fd, fp_len) != (fp, fp_len):
+        return 0  # another file that reuses the inode
+    return checkpoint.offset
