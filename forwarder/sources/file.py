@@ -9,6 +9,13 @@ just after its last complete line, so committing it with the rows is exact.
 Files are tracked by identity with an open fd, not by path: when a path names another
 file (rename + create), the old file is kept and read to its end until it has not grown
 for `rotate_wait_s` (or it was deleted), and the new file is read from its head.
+A file rotated while the forwarder was down is found again at the first scan: each
+checkpoint whose file no watched path names any more is looked up by inode in the
+directory it was read in, and read from its committed offset to its end.
+
+A file truncated and written again past the read offset between two polls (copytruncate)
+is noticed because its first bytes no longer match its fingerprint (checked at most once
+per `glob_interval_s`). The forwarder's own output (`ignore_identities`) is never read.
 """
 
 from __future__ import annotations
@@ -170,6 +177,7 @@ class _TrackedFile:
     deleted: bool = False
     fp: str = ""
     fp_len: int = -1  # -1: not computed yet
+    fp_checked: float = float("-inf")  # monotonic time the head was last compared with fp
     read_error: bool = False
 
 
@@ -183,10 +191,14 @@ class FileSource:
         clock: Clock,
         *,
         exit_on_eof: bool = False,
+        ignore_identities: frozenset[tuple[int, int]] = frozenset(),
     ) -> None:
+        """`ignore_identities`: (st_dev, st_ino) of files never to read, such as the
+        forwarder's own stderr (see `own_output_identities`)."""
         self._config = config
         self._clock = clock
         self._exit_on_eof = exit_on_eof
+        self._ignore = ignore_identities
         # stream key -> Position to verify and resume from; each is used at most once
         # (an inode can be reused after its file was deleted).
         self._resume: dict[str, Position] = dict(checkpoints)
@@ -231,7 +243,7 @@ class FileSource:
 
     # -- the loop ----------------------------------------------------------------------
 
-    async def run(self, out: asyncio.Queue[RawChunk], stop: asyncio.Event) -> None:
+    async def run(self, out: asyncio.Queue[Any], stop: asyncio.Event) -> None:
         cfg = self._config
         self._state = "ok"
         try:
@@ -267,9 +279,7 @@ class FileSource:
                 self._close(f)
             self._state = "stopped"
 
-    async def _emit(
-        self, out: asyncio.Queue[RawChunk], chunk: RawChunk, stop: asyncio.Event
-    ) -> bool:
+    async def _emit(self, out: asyncio.Queue[Any], chunk: RawChunk, stop: asyncio.Event) -> bool:
         """Put the chunk; False if stop came first while the queue was full (chunk dropped:
         its position was never committed, so its lines are read again after a restart)."""
         try:
@@ -298,7 +308,9 @@ class FileSource:
             f.size = st.st_size
             f.deleted = st.st_nlink == 0
             if st.st_size < f.offset:
-                self._truncated(f)
+                self._truncated(f, f"size {f.size} < offset {f.offset}")
+            elif st.st_size > f.offset and self._head_changed(f):
+                self._truncated(f, "its first bytes no longer match its fingerprint")
             want = min(f.size - f.offset, self._config.read_budget_bytes)
             if want <= 0:
                 return None, False
@@ -353,12 +365,37 @@ class FileSource:
             with contextlib.suppress(OSError):
                 f.fp, f.fp_len = _fingerprint(f.fd, want)
 
-    def _truncated(self, f: _TrackedFile) -> None:
+    def _head_changed(self, f: _TrackedFile) -> bool:
+        """The file grew: were its first fp_len bytes rewritten (truncated, then written
+        past our offset before we polled)? Appending never changes them.
+
+        A complete fingerprint (fingerprint_bytes long) is compared at most once per
+        glob_interval_s. A shorter one, taken while the file was shorter, is compared on
+        every growth and extended in the same read: it would otherwise be extended over
+        rewritten bytes unchecked. That happens only while the file is that short.
+        """
+        if f.fp_len <= 0:
+            return False  # nothing recorded yet: the file is read from where it started
+        fp_bytes = self._config.fingerprint_bytes
+        now = self._clock.monotonic()
+        if f.fp_len >= fp_bytes and now - f.fp_checked < self._config.glob_interval_s:
+            return False
+        f.fp_checked = now
+        try:
+            head = os.pread(f.fd, max(f.fp_len, min(f.size, fp_bytes)), 0)
+        except OSError:
+            return False  # the read that follows reports it
+        if len(head) < f.fp_len or _sha1(head[: f.fp_len]) != f.fp:
+            return True
+        if len(head) > f.fp_len:
+            f.fp, f.fp_len = _sha1(head), len(head)
+        return False
+
+    def _truncated(self, f: _TrackedFile, why: str) -> None:
         log.info(
-            "%s was truncated (size %d < offset %d); reading it again from the start",
+            "%s was truncated (%s); reading it again from the start",
             f.path,
-            f.size,
-            f.offset,
+            why,
             extra=self._log_extra,
         )
         self.truncations_detected += 1
@@ -373,6 +410,7 @@ class FileSource:
         first = self._scans == 0
         self._scans += 1
         seen: dict[str, str] = {}  # key -> path
+        matched: set[str] = set()  # keys of every regular file matched, opened or not
         for path in self._matched_paths():
             try:
                 st = os.stat(path)
@@ -385,7 +423,10 @@ class FileSource:
                 kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
                 self._warn_once(path, "type", "skipping %s: %s", path, kind)
                 continue
+            if self._is_own_output(path, st):
+                continue
             key = f"{st.st_dev}:{st.st_ino}"
+            matched.add(key)
             if key in seen:
                 continue  # a second link to a file already matched
             if key not in self._files:
@@ -410,13 +451,120 @@ class FileSource:
                     f.path,
                     extra=self._log_extra,
                 )
+        if first:
+            self._recover_rotated(matched)
 
     def _matched_paths(self) -> list[str]:
         paths: set[str] = set()
         for pattern in self._config.paths:
             paths.update(glob.glob(pattern, recursive=True))
-        excludes = self._config.exclude
-        return sorted(p for p in paths if not any(fnmatch.fnmatch(p, x) for x in excludes))
+        return sorted(p for p in paths if not self._excluded(p))
+
+    def _excluded(self, path: str) -> bool:
+        return any(fnmatch.fnmatch(path, x) for x in self._config.exclude)
+
+    def _is_own_output(self, path: str, st: os.stat_result) -> bool:
+        """Whether the file is the forwarder's own output (reading it would loop); warns once."""
+        if (st.st_dev, st.st_ino) not in self._ignore:
+            return False
+        self._warn_once(
+            path,
+            "own",
+            "skipping %s: it is the forwarder's own output (its stdout or stderr); "
+            "reading it would feed the forwarder its own logs",
+            path,
+        )
+        return True
+
+    def _recover_rotated(self, matched: set[str]) -> None:
+        """First scan: find files rotated away while the forwarder was down.
+
+        A checkpoint whose file no watched path names is looked up by inode in the
+        directory of its recorded path (each such directory is listed once). A file
+        found there under another name, that is the checkpointed file (device and
+        fingerprint) and has grown past the committed offset, is read from that offset
+        to its end like a file rotated while running. Only checkpoints whose recorded
+        path is still watched are considered: a file the configuration no longer
+        covers is not read again.
+        """
+        by_dir: dict[str, dict[int, list[tuple[int, Position]]]] = {}
+        for key, checkpoint in self._resume.items():
+            path = checkpoint.detail.get("path")
+            if key in matched or key in self._files or checkpoint.source != self._config.name:
+                continue
+            if not isinstance(path, str) or not self._watched(path):
+                continue
+            try:
+                dev, ino = (int(n) for n in key.split(":"))
+            except ValueError:
+                continue
+            wanted = by_dir.setdefault(os.path.dirname(path), {})
+            wanted.setdefault(ino, []).append((dev, checkpoint))
+        for directory, wanted in by_dir.items():
+            try:
+                with os.scandir(directory or ".") as entries:
+                    found = [(e.name, e.inode()) for e in entries if e.inode() in wanted]
+            except OSError as e:
+                log.debug("cannot list %s: %s", directory, e.strerror, extra=self._log_extra)
+                continue
+            for name, ino in found:
+                path = os.path.join(directory, name)
+                for dev, checkpoint in wanted[ino]:
+                    if path != checkpoint.detail["path"]:
+                        self._open_recovered(path, dev, ino, checkpoint)
+
+    def _watched(self, path: str) -> bool:
+        """Whether the configured globs (as patterns) match path and it is not excluded."""
+        return any(fnmatch.fnmatch(path, p) for p in self._config.paths) and not (
+            self._excluded(path)
+        )
+
+    def _open_recovered(self, path: str, dev: int, ino: int, checkpoint: Position) -> None:
+        """Track path as an already-rotated file from the checkpoint's offset, if it is
+        the checkpointed file and has grown past that offset."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            key = f"{st.st_dev}:{st.st_ino}"
+            if (
+                not stat.S_ISREG(st.st_mode)
+                or (st.st_dev, st.st_ino) != (dev, ino)
+                or key in self._files
+                or self._is_own_output(path, st)
+                or st.st_size <= checkpoint.offset
+                or not _is_checkpointed_file(fd, checkpoint, st.st_size)
+            ):
+                os.close(fd)
+                return
+        except OSError:
+            os.close(fd)
+            return
+        del self._resume[key]
+        self._files[key] = _TrackedFile(
+            key=key,
+            path=path,
+            fd=fd,
+            offset=checkpoint.offset,
+            size=st.st_size,
+            splitter=LineSplitter(self._config.max_line_bytes),
+            last_growth=self._clock.monotonic(),
+            rotated=True,
+            fp=checkpoint.detail["fp"],
+            fp_len=checkpoint.detail["fp_len"],
+        )
+        self.rotations_detected += 1
+        log.info(
+            "recovered %s (%s), rotated away from %s while the forwarder was down; "
+            "reading it from offset %d to its end",
+            path,
+            key,
+            checkpoint.detail["path"],
+            checkpoint.offset,
+            extra=self._log_extra,
+        )
 
     def _open(self, path: str, first_scan: bool) -> str | None:
         """Open and start tracking the file at path; its key, or None if it was skipped."""
@@ -430,16 +578,17 @@ class FileSource:
         try:
             st = os.fstat(fd)
             key = f"{st.st_dev}:{st.st_ino}"
-            if not stat.S_ISREG(st.st_mode) or key in self._files:
+            if not stat.S_ISREG(st.st_mode) or key in self._files or self._is_own_output(path, st):
                 os.close(fd)
                 return key if key in self._files else None
+            checkpoint = self._resume.get(key)
             offset, skip = self._start_offset(fd, key, st.st_size, first_scan)
         except OSError as e:
             os.close(fd)
             self._warn_once(path, "open", "cannot read %s: %s", path, e.strerror)
             return None
         self._warned = {w for w in self._warned if w[0] != path}
-        self._files[key] = _TrackedFile(
+        f = self._files[key] = _TrackedFile(
             key=key,
             path=path,
             fd=fd,
@@ -448,6 +597,10 @@ class FileSource:
             splitter=LineSplitter(self._config.max_line_bytes, skip_first_line=skip),
             last_growth=self._clock.monotonic(),
         )
+        if checkpoint is not None and offset > 0:  # verified: its fingerprint holds
+            f.fp, f.fp_len = checkpoint.detail["fp"], checkpoint.detail["fp_len"]
+        elif offset > 0:  # read_from tail: so that a rewrite before it grows is noticed
+            self._refresh_fingerprint(f)
         log.debug("tailing %s (%s) from offset %d", path, key, offset, extra=self._log_extra)
         return key
 
@@ -496,20 +649,41 @@ class FileSource:
             log.warning(msg, *args, extra=self._log_extra)
 
 
+def own_output_identities() -> frozenset[tuple[int, int]]:
+    """(st_dev, st_ino) of this process's stdout and stderr where they are regular files:
+    the files a FileSource must not read (`ignore_identities`)."""
+    identities = set()
+    for fd in (1, 2):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue  # closed
+        if stat.S_ISREG(st.st_mode):
+            identities.add((st.st_dev, st.st_ino))
+    return frozenset(identities)
+
+
+def _sha1(data: bytes) -> str:
+    return hashlib.sha1(data, usedforsecurity=False).hexdigest()
+
+
 def _fingerprint(fd: int, length: int) -> tuple[str, int]:
     """(hex sha1 of the first `length` bytes, bytes actually hashed)."""
     data = os.pread(fd, length, 0) if length > 0 else b""
-    return hashlib.sha1(data, usedforsecurity=False).hexdigest(), len(data)
+    return _sha1(data), len(data)
+
+
+def _is_checkpointed_file(fd: int, checkpoint: Position, size: int) -> bool:
+    """Whether the open file of `size` bytes is the one the checkpoint was taken on."""
+    detail = checkpoint.detail
+    fp, fp_len = detail.get("fp"), detail.get("fp_len")
+    if not isinstance(fp, str) or not isinstance(fp_len, int) or fp_len < 0:
+        return False
+    if size < fp_len or size < checkpoint.offset:
+        return False  # shorter than when the checkpoint was taken: truncated or replaced
+    return _fingerprint(fd, fp_len) == (fp, fp_len)  # else another file reusing the inode
 
 
 def _verified_offset(fd: int, checkpoint: Position, size: int) -> int:
     """The checkpoint's offset if this is the file it was taken on, else 0 (a new file)."""
-    detail = checkpoint.detail
-    fp, fp_len = detail.get("fp"), detail.get("fp_len")
-    if not isinstance(fp, str) or not isinstance(fp_len, int) or fp_len < 0:
-        return 0
-    if size < fp_len or size < checkpoint.offset:
-        return 0  # shorter than when the checkpoint was taken: truncated or replaced
-    if _fingerprint(fd, fp_len) != (fp, fp_len):
-        return 0  # another file that reuses the inode
-    return checkpoint.offset
+    return checkpoint.offset if _is_checkpointed_file(fd, checkpoint, size) else 0

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,8 @@ import pytest
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import FileSourceConfig
 from forwarder.event import Position, RawChunk
-from forwarder.sources.file import FileSource
+from forwarder.sources import file as file_module
+from forwarder.sources.file import FileSource, own_output_identities
 from tests.support import FakeClock, wait_until
 
 
@@ -104,9 +108,14 @@ async def tail() -> AsyncIterator[Callable[..., Any]]:
         clock: Clock | None = None,
         queue_size: int = 0,
         exit_on_eof: bool = False,
+        ignore_identities: frozenset[tuple[int, int]] = frozenset(),
     ) -> Tail:
         source = FileSource(
-            config, checkpoints or {}, clock or SystemClock(), exit_on_eof=exit_on_eof
+            config,
+            checkpoints or {},
+            clock or SystemClock(),
+            exit_on_eof=exit_on_eof,
+            ignore_identities=ignore_identities,
         )
         t = Tail(source, queue_size)
         started.append(t)
@@ -586,3 +595,242 @@ async def test_truncation_drops_the_held_partial_line(
     assert await t.wait_lines(2) == [b"one", b"two"]
     assert t.chunks[-1].position is not None
     assert t.chunks[-1].position.offset == 4
+
+
+def identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def lines_of(chunks: list[RawChunk], key: str) -> list[bytes]:
+    return [line for c in chunks if c.position and c.position.stream == key for line in c.lines]
+
+
+async def rotate_while_down(
+    tmp_path: Path, tail: Callable[..., Any], config: FileSourceConfig
+) -> tuple[Position, str]:
+    """Read app.log (lines 0-9) and stop; then, while down, the writer appends lines 10-14
+    and an unfinished line, and logrotate renames app.log to app.log.1 and creates a new
+    app.log (lines 100-102). Returns the last committed position and the old file's key."""
+    log = tmp_path / "app.log"
+    log.write_bytes(numbered(0, 10))
+    first = await tail(config)
+    await first.wait_lines(10)
+    await first.close()
+    checkpoint = first.chunks[-1].position
+    assert checkpoint is not None
+    append(log, numbered(10, 15) + b"unfinished")
+    old_key = stream_key(log)
+    os.rename(log, tmp_path / "app.log.1")
+    log.write_bytes(numbered(100, 103))
+    return checkpoint, old_key
+
+
+async def test_file_rotated_while_down_is_read_from_its_checkpoint(
+    tmp_path: Path, tail: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    log, rotated = tmp_path / "app.log", tmp_path / "app.log.1"
+    config = make_config(tmp_path, paths=[str(log)], glob_interval_s=1.0, rotate_wait_s=5.0)
+    checkpoint, old_key = await rotate_while_down(tmp_path, tail, config)
+    caplog.set_level(logging.INFO, logger="forwarder.sources.file")
+    t = await tail(config, checkpoints={checkpoint.stream: checkpoint}, clock=clock)
+    files = {f["stream"]: (f["path"], f["rotated"]) for f in t.source.status()["files"]}
+    assert files == {old_key: (str(rotated), True), stream_key(log): (str(log), False)}
+    recovered = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
+    assert len(recovered) == 1
+    assert str(rotated) in recovered[0]
+    assert f"offset {checkpoint.offset}" in recovered[0]
+    await t.wait_lines(8)
+    # Read to its end, then closed after rotate_wait_s without growth like any rotated
+    # file; nothing completes its unfinished last line any more, so that is emitted.
+    clock.advance(5.0)
+    await wait_until(lambda: len(t.source.status()["files"]) == 1, what="old file closed")
+    assert numbers(lines_of(t.drain(), stream_key(log))) == [100, 101, 102]
+    old_lines = lines_of(t.drain(), old_key)
+    assert numbers(old_lines[:-1]) == list(range(10, 15))
+    assert old_lines[-1] == b"unfinished"
+    last = [c.position for c in t.chunks if c.position and c.position.stream == old_key][-1]
+    assert last is not None
+    assert (last.offset, last.detail["path"]) == (rotated.stat().st_size, str(rotated))
+
+
+async def test_file_rotated_while_down_is_read_to_its_end_with_exit_on_eof(
+    tmp_path: Path, tail: Callable[..., Any]
+) -> None:
+    log = tmp_path / "app.log"
+    config = make_config(tmp_path, paths=[str(log)])
+    checkpoint, old_key = await rotate_while_down(tmp_path, tail, config)
+    source = FileSource(config, {checkpoint.stream: checkpoint}, SystemClock(), exit_on_eof=True)
+    queue: asyncio.Queue[RawChunk] = asyncio.Queue()
+    await asyncio.wait_for(source.run(queue, asyncio.Event()), 10)
+    chunks = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert numbers(lines_of(chunks, stream_key(log))) == [100, 101, 102]
+    old_lines = lines_of(chunks, old_key)
+    assert numbers(old_lines[:-1]) == list(range(10, 15))
+    assert old_lines[-1] == b"unfinished"
+
+
+@pytest.mark.parametrize("case", ["nothing new", "another file", "path not watched any more"])
+async def test_file_rotated_while_down_is_left_alone_unless_it_is_ours_and_grew(
+    tmp_path: Path, tail: Callable[..., Any], case: str
+) -> None:
+    log, rotated = tmp_path / "app.log", tmp_path / "app.log.1"
+    config = make_config(tmp_path, paths=[str(log)])
+    log.write_bytes(numbered(0, 10))
+    first = await tail(config)
+    await first.wait_lines(10)
+    await first.close()
+    checkpoint = first.chunks[-1].position
+    assert checkpoint is not None
+    if case != "nothing new":
+        append(log, numbered(10, 15))
+    os.rename(log, rotated)
+    log.write_bytes(numbered(100, 103))
+    if case == "another file":  # same inode, other content: the inode was reused
+        other = numbered(50, 60)
+        detail = {**checkpoint.detail, "fp": hashlib.sha1(other).hexdigest()}
+        checkpoint = Position(checkpoint.source, checkpoint.stream, checkpoint.offset, detail)
+    if case == "path not watched any more":
+        config = make_config(tmp_path, paths=[str(tmp_path / "new.log")])
+        log.rename(tmp_path / "new.log")
+        log = tmp_path / "new.log"
+    t = await tail(config, checkpoints={checkpoint.stream: checkpoint})
+    assert [f["stream"] for f in t.source.status()["files"]] == [stream_key(log)]
+    await t.wait_lines(3)
+    await t.wait_scans(2)
+    assert numbers(t.lines) == [100, 101, 102]
+
+
+async def test_copytruncate_rewritten_past_the_offset_between_polls_restarts_at_zero(
+    tmp_path: Path, tail: Callable[..., Any]
+) -> None:
+    clock = FakeClock()
+    log = tmp_path / "app.log"
+    log.write_bytes(numbered(0, 10))
+    config = make_config(tmp_path, paths=[str(log)], glob_interval_s=1.0, fingerprint_bytes=16)
+    t = await tail(config, clock=clock)
+    await t.wait_lines(10)
+    append(log, numbered(10, 20))  # growth: the head is compared (it matches)
+    await t.wait_lines(20)
+    # copytruncate, then the writer writes past the old offset (240) before the source
+    # polls again: nothing here awaits, so the source cannot run in between.
+    shutil.copyfile(log, tmp_path / "app.log.1")
+    os.truncate(log, 0)
+    rewritten = [b"rewritten %06d" % i for i in range(30)]
+    append(log, b"".join(line + b"\n" for line in rewritten))
+    assert log.stat().st_size > 240
+    clock.advance(1.0)  # the head was compared at the last growth: once per glob_interval_s
+    await t.wait_lines(50)
+    clock.advance(1.0)
+    await t.wait_scans()  # and a round after it: nothing more
+    assert t.lines == [b"line %06d" % i for i in range(20)] + rewritten
+    assert t.source.truncations_detected == 1
+    assert t.chunks[-1].position is not None
+    assert t.chunks[-1].position.offset == log.stat().st_size
+
+
+async def test_short_fingerprint_is_compared_at_every_growth(
+    tmp_path: Path, tail: Callable[..., Any]
+) -> None:
+    """A fingerprint shorter than fingerprint_bytes (the file was shorter) is compared and
+    extended at each growth, not once per glob_interval_s: extending it over rewritten
+    bytes unchecked would hide the rewrite for good."""
+    clock = FakeClock()
+    log = tmp_path / "app.log"
+    log.write_bytes(numbered(0, 5))
+    config = make_config(tmp_path, paths=[str(log)], glob_interval_s=1.0)
+    t = await tail(config, clock=clock)
+    await t.wait_lines(5)
+    append(log, numbered(5, 10))
+    await t.wait_lines(10)
+    os.truncate(log, 0)
+    rewritten = [b"rewritten %06d" % i for i in range(10)]
+    append(log, b"".join(line + b"\n" for line in rewritten))  # 170 > 120 bytes
+    await t.wait_lines(20)
+    clock.advance(1.0)
+    await t.wait_scans()  # and a round after it: nothing more
+    assert t.lines == [b"line %06d" % i for i in range(10)] + rewritten
+    assert t.source.truncations_detected == 1
+
+
+async def test_head_is_compared_at_most_once_per_glob_interval(
+    tmp_path: Path, tail: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashes: list[bytes] = []
+    real_sha1 = file_module._sha1
+
+    def counting_sha1(data: bytes) -> str:
+        hashes.append(data)
+        return real_sha1(data)
+
+    monkeypatch.setattr(file_module, "_sha1", counting_sha1)
+    clock = FakeClock()
+    log = tmp_path / "app.log"
+    log.write_bytes(numbered(0, 10))
+    config = make_config(tmp_path, paths=[str(log)], glob_interval_s=1.0, fingerprint_bytes=16)
+    t = await tail(config, clock=clock)
+    await t.wait_lines(10)
+    assert len(hashes) == 1  # the fingerprint, taken with the first chunk
+    for i in range(10, 14):  # four growths within one glob_interval_s: one comparison
+        append(log, numbered(i, i + 1))
+        await t.wait_lines(i + 1)
+    assert len(hashes) == 2
+    clock.advance(1.0)
+    append(log, numbered(14, 15))
+    await t.wait_lines(15)
+    assert len(hashes) == 3
+    assert hashes[1:] == [log.read_bytes()[:16]] * 2
+
+
+async def test_own_output_is_skipped_with_one_warning(
+    tmp_path: Path, tail: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "app.log").write_bytes(b"a\n")
+    own = tmp_path / "forwarder.log"
+    own.write_bytes(b"our own log line\n")
+    caplog.set_level(logging.WARNING, logger="forwarder.sources.file")
+    t = await tail(make_config(tmp_path), ignore_identities=frozenset({identity(own)}))
+    await t.wait_lines(1)
+    append(own, b"another of our lines\n")
+    await t.wait_scans(3)
+    # By identity, not by name.
+    renamed = tmp_path / "forwarder-1.log"
+    own.rename(renamed)
+    await t.wait_scans(3)
+    assert t.lines == [b"a"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"skipping {path}: it is the forwarder's own output (its stdout or stderr); "
+        "reading it would feed the forwarder its own logs"
+        for path in (own, renamed)
+    ]
+
+
+def test_own_output_identities_are_the_regular_files_on_stdout_and_stderr(
+    tmp_path: Path,
+) -> None:
+    script = (
+        "import json\n"
+        "from forwarder.sources.file import own_output_identities\n"
+        "print(json.dumps(sorted(own_output_identities())), flush=True)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    err, out = tmp_path / "forwarder.log", tmp_path / "out.txt"
+
+    def run(stdout: Any, stderr: Any) -> subprocess.CompletedProcess[bytes]:
+        cmd = [sys.executable, "-c", script]
+        return subprocess.run(cmd, stdout=stdout, stderr=stderr, env=env, check=True, timeout=60)
+
+    with err.open("ab") as e:  # stdout a pipe: only stderr counts
+        result = run(subprocess.PIPE, e)
+    assert json.loads(result.stdout) == [list(identity(err))]
+    with err.open("ab") as e, out.open("wb") as o:
+        run(o, e)
+    assert json.loads(out.read_bytes()) == sorted([list(identity(err)), list(identity(out))])
+    with err.open("ab") as e:  # both on one file: one identity
+        run(e, subprocess.STDOUT)
+    assert json.loads(err.read_bytes().splitlines()[-1]) == [list(identity(err))]
+    # And in this process (stdout and stderr are whatever pytest made them).
+    assert all(len(i) == 2 for i in own_output_identities())
