@@ -24,7 +24,7 @@ from forwarder.event import EventChunk, RawChunk
 from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream, NormalizeStage
 from forwarder.sinks.embedded import EmbeddedServer, start_embedded
 from forwarder.sinks.postgres import PostgresSink
-from forwarder.sources.file import FileSource
+from forwarder.sources.file import FileSource, own_output_identities
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,15 @@ async def _run_pipeline(
     try:
         for action in await sink.migrate(clock.now().date()):
             log.info("migrate: %s", action, extra={"component": "database"})
+        own_output = own_output_identities()
         sources = [
-            FileSource(cfg, await sink.load_checkpoints(cfg.name), clock, exit_on_eof=exit_on_eof)
+            FileSource(
+                cfg,
+                await sink.load_checkpoints(cfg.name),
+                clock,
+                exit_on_eof=exit_on_eof,
+                ignore_identities=own_output,
+            )
             for cfg in settings.sources
         ]
         size = settings.pipeline.queue_chunks

@@ -154,6 +154,7 @@ async def _at_least(dsn: str, schema: str, n: int) -> bool:
 async def test_terminated_connections_lose_and_duplicate_nothing(
     tmp_path: Path, pg_dsn: str, pg_schema: str
 ) -> None:
+    """pg_terminate_backend on the daemon's sessions, again and again, while it writes."""
     logs = tmp_path / "logs"
     logs.mkdir()
     config = write_config(
@@ -167,6 +168,15 @@ async def test_terminated_connections_lose_and_duplicate_nothing(
     total = 20_000
     daemon = await Daemon(config).start()
     admin = await asyncpg.connect(pg_dsn)
+    sessions = (
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'forwarder' "
+        "AND pid <> pg_backend_pid() AND datname = current_database()"
+    )
+
+    async def kill_sessions() -> int:
+        pids = [r["pid"] for r in await admin.fetch(sessions)]
+        return sum([await admin.fetchval("SELECT pg_terminate_backend($1)", p) for p in pids])
+
     terminated = 0
     try:
         with (logs / "a.log").open("ab") as f:
@@ -174,11 +184,8 @@ async def test_terminated_connections_lose_and_duplicate_nothing(
                 f.write(b"".join(schema_line(i) for i in range(start, start + 500)))
                 f.flush()
                 if start % 4000 == 0:
-                    terminated += await admin.fetchval(
-                        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
-                        "pg_stat_activity WHERE application_name = 'forwarder' "
-                        "AND pid <> pg_backend_pid()) t"
-                    )
+                    await wait_until(lambda: admin.fetch(sessions), what="a daemon session")
+                    terminated += await kill_sessions()
                 await asyncio.sleep(0.01)
         await wait_until(
             lambda: _count_is(pg_dsn, pg_schema, total),
@@ -188,7 +195,7 @@ async def test_terminated_connections_lose_and_duplicate_nothing(
     finally:
         await admin.close()
         code = await daemon.stop()
-    assert terminated >= 3, "the test must actually cut connections"
+    assert terminated >= 5, "the test must actually cut connections"
     assert code == 0, daemon.stderr()
     await assert_each_seq_once(pg_dsn, pg_schema, total)
 
@@ -229,7 +236,11 @@ async def test_rotation_under_a_running_daemon(tmp_path: Path, pg_dsn: str, pg_s
 
     try:
         for round_ in range(4):
-            append(2000)
+            append(1000)
+            # The daemon follows this file before it is rotated (a file renamed away
+            # before the forwarder ever saw it cannot be known).
+            await wait_until(lambda s=seq: _count_is(pg_dsn, pg_schema, s), what="live rows")
+            append(1000)  # most likely still unread when the rename happens
             live.rename(logs / f"app.log.{round_}")  # rename + create
             append(500)
             await wait_until(lambda s=seq: _count_is(pg_dsn, pg_schema, s), what="renamed rows")
@@ -345,3 +356,54 @@ def test_check_config_names_every_error(tmp_path: Path) -> None:
     )
     assert good.returncode == 0, good.stderr
     assert "config OK" in good.stdout
+
+
+async def test_database_outage_pauses_reading_and_loses_nothing(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    """The database disappears for a while (every connection cut, new ones refused)."""
+    from tests.integration.tcp_proxy import PgProxy
+
+    proxy = PgProxy(pg_dsn)
+    await proxy.up()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = write_config(
+        tmp_path / "f.toml",
+        dsn=proxy.proxied_dsn(),
+        schema=pg_schema,
+        files={"a": [str(logs / "a.log")]},
+        max_rows=200,
+        max_delay_s=0.01,
+    )
+    daemon = await Daemon(config).start()
+    seq = 0
+
+    def append(n: int) -> None:
+        nonlocal seq
+        with (logs / "a.log").open("ab") as f:
+            f.write(b"".join(schema_line(seq + i) for i in range(n)))
+        seq += n
+
+    try:
+        append(3000)
+        await wait_until(lambda: _count_is(pg_dsn, pg_schema, 3000), what="rows before outage")
+        for _ in range(2):
+            await proxy.down()
+            append(4000)  # written while the database is unreachable
+            await wait_until(
+                lambda: "degraded" in daemon.stderr() or "retry" in daemon.stderr(),
+                what="the daemon noticing the outage",
+            )
+            assert await count_rows(pg_dsn, pg_schema) < seq
+            await proxy.up()
+            await wait_until(
+                lambda s=seq: _count_is(pg_dsn, pg_schema, s),
+                timeout_s=60,
+                what="rows after the outage",
+            )
+    finally:
+        code = await daemon.stop()
+        await proxy.down()
+    assert code == 0, daemon.stderr()
+    await assert_each_seq_once(pg_dsn, pg_schema, seq)
