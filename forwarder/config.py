@@ -111,7 +111,7 @@ class FileSourceConfig(Section):
         1_048_576, ge=256, description="longer lines are cut here and flagged meta.truncated"
     )
     read_budget_bytes: int = Field(
-        262_144, ge=4096, description="bytes read from one file per round, so none starves"
+        32_768, ge=4096, description="bytes read from one file per round, so none starves"
     )
     poll_interval_s: float = Field(0.25, gt=0, description="how often idle files are checked")
     glob_interval_s: float = Field(2.0, gt=0, description="how often globs are re-scanned")

@@ -51,3 +51,6 @@ class NormalizeStage:
             self.events_out += len(events)
             positions = (item.position,) if item.position is not None else ()
             await out.put(EventChunk(events, positions))
+            # Yield after every chunk, also when the queues never block: the sink's I/O
+            # completions must not wait for a run of CPU-bound chunks.
+            await asyncio.sleep(0)

@@ -29,6 +29,7 @@ Errors go through `classify` (transient | permanent) before anything is done:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
@@ -265,12 +266,20 @@ def event_as_storable(event: Event) -> dict[str, Any]:
     }
 
 
-def _jsonb_encode(value: Any) -> bytes:
-    # jsonb's binary format is a version byte (1) and the JSON text. Values already
-    # serialized by orjson arrive as bytes: no str round trip.
-    if isinstance(value, bytes | bytearray | memoryview):
-        return b"\x01" + bytes(value)
+def jsonb(value: Any) -> bytes:
+    """`value` in jsonb's binary wire format: a version byte (1), then the JSON text.
+
+    Built by concatenation on purpose: orjson's own result keeps a 4 KiB allocation
+    behind every small bytes object, which would cost ~4 KiB per buffered row.
+    """
     return b"\x01" + orjson.dumps(value, default=_json_default)
+
+
+def _jsonb_encode(value: Any) -> bytes:
+    # bytes arrive already in the wire format (from `jsonb`): no second serialization.
+    if isinstance(value, bytes):
+        return value
+    return jsonb(value)
 
 
 def _jsonb_decode(data: bytes) -> Any:
@@ -326,16 +335,14 @@ class _Pending:
 def _dead_letter(batch: Batch, index: int, error: str) -> _DeadLetter:
     event = batch.events[index]
     source = batch.sources[index] if index < len(batch.sources) else None
-    return _DeadLetter(source, error, orjson.dumps(event_as_storable(event)))
+    return _DeadLetter(source, error, jsonb(event_as_storable(event)))
 
 
 def encode_batch(batch: Batch) -> _Pending:
     """Turn a batch into COPY tuples; events whose meta cannot be encoded become dead letters."""
-    dumps = orjson.dumps
     try:
         rows: list[Row] = [
-            (e.ts, e.service, e.level, e.event, e.message, dumps(e.meta, default=_json_default))
-            for e in batch.events
+            (e.ts, e.service, e.level, e.event, e.message, jsonb(e.meta)) for e in batch.events
         ]
         row_event: list[int] | None = None
         early: list[_DeadLetter] = []
@@ -343,7 +350,7 @@ def encode_batch(batch: Batch) -> _Pending:
         rows, row_event, early = [], [], []
         for i, e in enumerate(batch.events):
             try:
-                meta = dumps(e.meta, default=_json_default)
+                meta = jsonb(e.meta)
             except (TypeError, ValueError) as exc:
                 early.append(_dead_letter(batch, i, f"meta cannot be encoded as JSON: {exc}"))
                 continue
@@ -355,9 +362,9 @@ def encode_batch(batch: Batch) -> _Pending:
         streams.append(p.stream)
         offsets.append(p.offset)
         try:
-            details.append(dumps(p.detail, default=_json_default))
+            details.append(jsonb(p.detail))
         except (TypeError, ValueError):
-            details.append(dumps(storable(p.detail)))
+            details.append(jsonb(storable(p.detail)))
     return _Pending(batch, rows, row_event, early, (sources, streams, offsets, details))
 
 
@@ -383,7 +390,7 @@ class PostgresSink:
         self._pool: asyncpg.Pool | None = None
         self._closed = False
         self._batcher = Batcher(batch)
-        self._inflight_rows = 0
+        self._waiting_rows = 0  # rows taken from the batcher and not yet committed
         self._state = "starting"
         self._reason: str | None = None
         self._last_commit: float | None = None
@@ -492,7 +499,7 @@ class PostgresSink:
             "state": self._state,
             "reason": self._reason,
             "last_commit_age_s": age,
-            "pending_rows": self._batcher.rows + self._inflight_rows,
+            "pending_rows": self._batcher.rows + self._waiting_rows,
         }
 
     # -- the loop --
@@ -500,72 +507,96 @@ class PostgresSink:
     async def run(self, inp: asyncio.Queue[EventChunk | EndOfStream]) -> None:
         """Consume chunks, write a batch when due (size or age); on END_OF_STREAM flush, return.
 
-        Returns only after the last batch is committed. While a batch is being written
-        (and retried) the queue is not read: that is the backpressure on the sources.
+        The next batch is assembled and encoded while the previous one is being
+        written, so our CPU work overlaps the server's; at most one batch is in flight
+        and one waits for it. While a write is retried, this loop waits for it and
+        stops reading its input, so the sources block (backpressure). Returns only after
+        the last batch is committed.
         """
         self._require_pool()
         batcher = self._batcher
         clock = self._clock
-        while True:
-            if batcher.due(clock.monotonic()):
-                await self._write(batcher.take())
-                continue
-            try:
-                item = inp.get_nowait()
-            except asyncio.QueueEmpty:
+        writing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                if batcher.due(clock.monotonic()):
+                    writing = await self._start_write(batcher.take(), writing)
+                    continue
                 try:
-                    async with asyncio.timeout(batcher.time_until_due(clock.monotonic())):
-                        item = await inp.get()
-                except TimeoutError:
-                    continue  # the age deadline passed: re-check due()
-            if item is END_OF_STREAM or isinstance(item, EndOfStream):
-                if not batcher.empty:
-                    await self._write(batcher.take())
-                return
-            batcher.add(item, clock.monotonic())
+                    item = inp.get_nowait()
+                except asyncio.QueueEmpty:
+                    try:
+                        async with asyncio.timeout(batcher.time_until_due(clock.monotonic())):
+                            item = await inp.get()
+                    except TimeoutError:
+                        continue  # the age deadline passed: re-check due()
+                if item is END_OF_STREAM or isinstance(item, EndOfStream):
+                    if not batcher.empty:
+                        writing = await self._start_write(batcher.take(), writing)
+                    if writing is not None:
+                        await writing
+                    return
+                batcher.add(item, clock.monotonic())
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writing
+
+    async def _start_write(
+        self, batch: Batch, previous: asyncio.Task[None] | None
+    ) -> asyncio.Task[None]:
+        """Encode `batch` now, wait for the previous write, then start writing this one."""
+        pending = encode_batch(batch)
+        self._waiting_rows += len(batch.events)
+        if previous is not None:
+            await previous  # a permanent failure of the previous batch raises here
+        return asyncio.create_task(self._write(pending), name="sink.write")
 
     # -- writing one batch --
 
-    async def _write(self, batch: Batch) -> None:
-        pending = encode_batch(batch)
-        self._inflight_rows = len(batch.events)
-        backoff: Backoff | None = None
+    async def _write(self, pending: _Pending) -> None:
         try:
-            while True:
-                try:
-                    await self._attempt(pending)
-                    break
-                except Exception as exc:
-                    if pending.committed:
-                        # Failed after the acknowledged COMMIT (returning the connection
-                        # to the pool): the batch is stored; writing it again would
-                        # duplicate it.
-                        log.info(
-                            "batch committed; the connection failed afterwards: %s",
-                            error_text(exc),
-                            extra={"component": COMPONENT},
-                        )
-                        break
-                    self.write_errors += 1
-                    if classify(exc) == "transient":
-                        backoff = backoff or self._backoff()
-                        self.retries += 1
-                        await self._retry_wait(backoff, "write", exc)
-                        continue
-                    if is_row_error(exc) and not pending.isolate:
-                        # Some row is refused: write again isolating it. No wait, nothing
-                        # will change; this happens once per batch.
-                        pending.isolate = True
-                        continue
-                    self._state, self._reason = "failed", f"write failed: {error_text(exc)}"
-                    log.error(
-                        "permanent write error; stopping: %s",
+            await self._write_until_done(pending)
+        finally:
+            self._waiting_rows -= len(pending.batch.events)
+
+    async def _write_until_done(self, pending: _Pending) -> None:
+        batch = pending.batch
+        backoff: Backoff | None = None
+        while True:
+            try:
+                await self._attempt(pending)
+                break
+            except Exception as exc:
+                if pending.committed:
+                    # Failed after the acknowledged COMMIT (returning the connection
+                    # to the pool): the batch is stored; writing it again would
+                    # duplicate it.
+                    log.info(
+                        "batch committed; the connection failed afterwards: %s",
                         error_text(exc),
                         extra={"component": COMPONENT},
                     )
-                    raise SinkError(self._reason) from exc
-        finally:
-            self._inflight_rows = 0
+                    break
+                self.write_errors += 1
+                if classify(exc) == "transient":
+                    backoff = backoff or self._backoff()
+                    self.retries += 1
+                    await self._retry_wait(backoff, "write", exc)
+                    continue
+                if is_row_error(exc) and not pending.isolate:
+                    # Some row is refused: write again isolating it. No wait, nothing
+                    # will change; this happens once per batch.
+                    pending.isolate = True
+                    continue
+                self._state, self._reason = "failed", f"write failed: {error_text(exc)}"
+                log.error(
+                    "permanent write error; stopping: %s",
+                    error_text(exc),
+                    extra={"component": COMPONENT},
+                )
+                raise SinkError(self._reason) from exc
         dead = len(pending.dead)
         self.rows_written += len(batch.events) - dead
         self.rows_dead_lettered += dead
@@ -719,7 +750,7 @@ class PostgresSink:
         )
         stored = {(r["source"], r["stream"]): (r["offset"], r["detail"]) for r in rows}
         wanted = [
-            (s, st, o, orjson.loads(d))
+            (s, st, o, orjson.loads(d[1:]))
             for s, st, o, d in zip(sources, streams, offsets, details, strict=True)
         ]
         return checkpoints_match(wanted, stored)

@@ -561,19 +561,21 @@ async def test_while_the_database_is_down_the_sink_retries_and_stops_reading(
     await wait_until(lambda: sink.batches_written == 1, what="the first batch")
 
     proxy.down()
-    for k in range(1, 4):
+    for k in range(1, 5):
         await q.put(chunk(k * 100, 100, offset=(k + 1) * 100))
     await wait_until(lambda: sink.retries >= 3, what="retries")
     status = sink.status()
     assert status["state"] == "degraded" and "retrying" in status["reason"]
-    assert status["pending_rows"] == 100
-    assert q.full()  # backpressure: nothing more is taken while the batch is retried
+    # One batch in flight (retried), the next one encoded and waiting for it, and the
+    # queue full behind them: nothing more is taken (backpressure).
+    assert status["pending_rows"] == 200
+    assert q.full()
     assert sink.batches_written == 1
 
     proxy.up()
     await q.put(END_OF_STREAM)
     await asyncio.wait_for(task, 30)
-    await assert_exactly_once(pg_conn, 400)
+    await assert_exactly_once(pg_conn, 500)
     assert sink.status()["state"] == "ok"
     retry_logs = [
         r

@@ -241,12 +241,12 @@ def test_meta_that_cannot_be_json_becomes_a_dead_letter_before_the_database() ->
         sources=["ui", "ui", "ui"],
     )
     pending = encode_batch(batch)
-    assert [r[5] for r in pending.rows] == [b'{"a":1}', b'{"s":[3]}']
+    assert [r[5] for r in pending.rows] == [b'\x01{"a":1}', b'\x01{"s":[3]}']
     assert pending.row_event == [0, 2]
     [dead] = pending.early_dead
     assert dead.source == "ui" and "JSON" in dead.error
-    assert orjson.loads(dead.row)["meta"]["x"].startswith("<object object")
-    assert pending.checkpoint_args == (["ui"], ["a"], [10], [b'{"p":1}'])
+    assert orjson.loads(dead.row[1:])["meta"]["x"].startswith("<object object")
+    assert pending.checkpoint_args == (["ui"], ["a"], [10], [b'\x01{"p":1}'])
 
 
 def test_the_sink_ends_on_the_pipelines_end_of_stream_marker() -> None:
