@@ -407,3 +407,100 @@ async def test_database_outage_pauses_reading_and_loses_nothing(
         await proxy.down()
     assert code == 0, daemon.stderr()
     await assert_each_seq_once(pg_dsn, pg_schema, seq)
+
+
+HOSTILE_LINES = [
+    b"plain text with a \x00 NUL byte",
+    b"invalid UTF-8 \xff\xfe \xc3\x28 here",
+    b'{"message":"escaped \\u0000 NUL","meta":{"k\\u0000":"v\\u0000"}}',
+    b'{"message":"lone surrogate \\ud800"}',
+    b"[" * 50_000,
+    b'{"ts": 1e300, "level": 50, "message": "absurd timestamp"}',
+    b"x" * 10_000_000,  # a 10 MB line: cut at max_line_bytes
+    b"after the long line",
+]
+
+
+async def test_hostile_bytes_are_all_stored(tmp_path: Path, pg_dsn: str, pg_schema: str) -> None:
+    """Every line becomes a row; nothing is refused by PostgreSQL, nothing stops the daemon."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "evil.log").write_bytes(b"\n".join(HOSTILE_LINES) + b"\n")
+    config = write_config(
+        tmp_path / "f.toml", dsn=pg_dsn, schema=pg_schema, files={"evil": [str(logs / "*.log")]}
+    )
+    daemon = await Daemon(config, "--exit-on-eof").start()
+    assert await daemon.wait(60) == 0, daemon.stderr()
+    conn = await asyncpg.connect(pg_dsn, server_settings={"search_path": pg_schema})
+    try:
+        rows = await conn.fetch("SELECT level, event, message, meta FROM system_logs ORDER BY id")
+        dead = await conn.fetchval("SELECT count(*) FROM forwarder_dead_letters")
+    finally:
+        await conn.close()
+    assert dead == 0
+    assert len(rows) == len(HOSTILE_LINES)
+    by_message = {r["message"][:40]: r for r in rows}
+    assert "plain text with a \ufffd NUL byte" in by_message
+    assert "invalid UTF-8 \ufffd\ufffd \ufffd( here" in by_message
+    escaped = by_message["escaped \ufffd NUL"]
+    assert orjson.loads(escaped["meta"]) == {"k\ufffd": "v\ufffd"}
+    long_row = next(r for r in rows if r["message"].startswith("xxxx"))
+    assert len(long_row["message"]) == 1_048_576
+    assert orjson.loads(long_row["meta"])["truncated"] is True
+    assert rows[-1]["message"] == "after the long line"
+    absurd = next(r for r in rows if r["message"] == "absurd timestamp")
+    assert absurd["level"] == "ERROR"
+    assert "original_ts" in orjson.loads(absurd["meta"])
+
+
+async def test_backfill_shows_progress_on_a_terminal(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    """--exit-on-eof with stderr on a real pseudo-terminal draws bytes done/total and lines/s."""
+    import os
+    import pty
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.log").write_bytes(b"".join(schema_line(i) for i in range(20_000)))
+    config = write_config(
+        tmp_path / "f.toml", dsn=pg_dsn, schema=pg_schema, files={"a": [str(logs / "*.log")]}
+    )
+    controller, terminal = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "forwarder",
+        "run",
+        "--config",
+        str(config),
+        "--exit-on-eof",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=terminal,
+        env=env,
+    )
+    os.close(terminal)
+    output = bytearray()
+
+    def read_all() -> None:
+        while True:
+            try:
+                data = os.read(controller, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            output.extend(data)
+
+    reader = asyncio.get_running_loop().run_in_executor(None, read_all)
+    try:
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        await asyncio.wait_for(reader, 10)
+    finally:
+        os.close(controller)
+    text = output.decode(errors="replace")
+    size_mb = (logs / "a.log").stat().st_size / 1e6
+    assert f"{size_mb:,.1f} / {size_mb:,.1f} MB (100.0%)" in text, text[-2000:]
+    assert "20,000 rows" in text and "lines/s" in text
