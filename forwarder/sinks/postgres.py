@@ -305,22 +305,21 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 # --- one batch on its way to the database -----------------------------------------------------
 
-Row = tuple[datetime, str, str, str, str, bytes]
-
-
 @dataclass(slots=True)
 class _DeadLetter:
     source: str | None
     error: str
-    row: bytes  # orjson of event_as_storable
+    row: bytes  # jsonb of event_as_storable
 
 
 @dataclass(slots=True)
 class _Pending:
+    """A batch on its way: the COPY rows are the events themselves (Event's fields are
+    the table's columns in order; the jsonb codec serializes meta while COPY encodes).
+    A meta that cannot be serialized fails the COPY client-side as a row error, and the
+    isolating write dead-letters that row alone."""
+
     batch: Batch
-    rows: list[Row]
-    row_event: list[int] | None  # rows[j] is batch.events[row_event[j]]; None: identity
-    early_dead: list[_DeadLetter]  # rows that could not even be encoded
     checkpoint_args: tuple[list[str], list[str], list[int], list[bytes]]
     isolate: bool = False  # write with savepoints, isolating rejected rows
     xid: str | None = None  # set while a COMMIT is unacknowledged
@@ -328,8 +327,9 @@ class _Pending:
     dead: list[_DeadLetter] = field(default_factory=list)  # all dead letters of the last try
     committed: bool = False  # COMMIT was acknowledged: whatever fails later, never rewrite
 
-    def event_index(self, row: int) -> int:
-        return row if self.row_event is None else self.row_event[row]
+    @property
+    def rows(self) -> list[Event]:
+        return self.batch.events
 
 
 def _dead_letter(batch: Batch, index: int, error: str) -> _DeadLetter:
@@ -339,23 +339,7 @@ def _dead_letter(batch: Batch, index: int, error: str) -> _DeadLetter:
 
 
 def encode_batch(batch: Batch) -> _Pending:
-    """Turn a batch into COPY tuples; events whose meta cannot be encoded become dead letters."""
-    try:
-        rows: list[Row] = [
-            (e.ts, e.service, e.level, e.event, e.message, jsonb(e.meta)) for e in batch.events
-        ]
-        row_event: list[int] | None = None
-        early: list[_DeadLetter] = []
-    except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
-        rows, row_event, early = [], [], []
-        for i, e in enumerate(batch.events):
-            try:
-                meta = jsonb(e.meta)
-            except (TypeError, ValueError) as exc:
-                early.append(_dead_letter(batch, i, f"meta cannot be encoded as JSON: {exc}"))
-                continue
-            rows.append((e.ts, e.service, e.level, e.event, e.message, meta))
-            row_event.append(i)
+    """Prepare a batch for writing: its checkpoints as the upsert's array arguments."""
     sources, streams, offsets, details = [], [], [], []
     for p in batch.checkpoints:
         sources.append(p.source)
@@ -365,7 +349,7 @@ def encode_batch(batch: Batch) -> _Pending:
             details.append(jsonb(p.detail))
         except (TypeError, ValueError):
             details.append(jsonb(storable(p.detail)))
-    return _Pending(batch, rows, row_event, early, (sources, streams, offsets, details))
+    return _Pending(batch, (sources, streams, offsets, details))
 
 
 # --- the sink ---------------------------------------------------------------------------------
@@ -633,7 +617,7 @@ class PostgresSink:
         tr = conn.transaction()
         await tr.start()
         try:
-            dead = list(p.early_dead)
+            dead: list[_DeadLetter] = []
             if p.isolate:
                 dead.extend(await self._copy_isolating(conn, p))
             elif p.rows:
@@ -659,7 +643,7 @@ class PostgresSink:
         await tr.commit()
         p.xid, p.committed = None, True
 
-    async def _copy(self, conn: asyncpg.Connection, rows: list[Row]) -> None:
+    async def _copy(self, conn: asyncpg.Connection, rows: list[Event]) -> None:
         await conn.copy_records_to_table(
             self._names.table,
             records=rows,
@@ -698,7 +682,7 @@ class PostgresSink:
                     mid = len(part) // 2
                     stack.extend((part[mid:], part[:mid]))
         rejected.sort()
-        return [_dead_letter(p.batch, p.event_index(j), error) for j, error in rejected]
+        return [_dead_letter(p.batch, j, error) for j, error in rejected]
 
     async def _resolve_lost_ack(self, conn: asyncpg.Connection, p: _Pending) -> LostAckDecision:
         assert p.xid is not None

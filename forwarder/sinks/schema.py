@@ -128,8 +128,13 @@ def _v1_logs(n: Names) -> list[str]:
         ) PARTITION BY RANGE (ts)""",
         f"CREATE TABLE IF NOT EXISTS {n.q_default_partition} PARTITION OF {n.q_table} DEFAULT",
         # Indexes on the parent propagate to every partition, present and future.
-        f"CREATE INDEX IF NOT EXISTS {n.q_index('slt_idx')} ON {n.q_table} (service, level, ts)",
+        # BRIN on ts serves every time window at almost no write cost. The btree is
+        # partial: warnings and errors only (the runbook's and the badge's queries). A
+        # full (service, level, ts) btree halves the COPY rate; INFO lines are found
+        # through the BRIN of their time window instead.
         f"CREATE INDEX IF NOT EXISTS {n.q_index('ts_brin')} ON {n.q_table} USING brin (ts)",
+        f"CREATE INDEX IF NOT EXISTS {n.q_index('problems_idx')} ON {n.q_table} "
+        "(service, level, ts) WHERE level <> 'INFO'",
     ]
 
 

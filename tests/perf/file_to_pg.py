@@ -92,6 +92,20 @@ async def prepare_schema(dsn: str, name: str) -> DatabaseConfig:
     return db
 
 
+async def prepare_bare_table(dsn: str, name: str) -> None:
+    """The same columns in one plain table: no partitions, no indexes (a ceiling)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{name}"')
+        await conn.execute(
+            f'CREATE TABLE "{name}".system_logs (id bigserial, ts timestamptz not null, '
+            "service text not null, level text not null, event text not null, "
+            "message text not null, meta jsonb not null)"
+        )
+    finally:
+        await conn.close()
+
+
 async def drop_schema(dsn: str, name: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
@@ -185,6 +199,7 @@ def main() -> int:
         dsn = embedded.dsn
     tag = secrets.token_hex(4)
     fw_schema, copy_schema = f"bench_fw_{tag}", f"bench_copy_{tag}"
+    bare_schema = f"bench_bare_{tag}"
     try:
         log_path, copy_path = workdir / "bench.log", workdir / "bench.copy"
         size = generate(args.lines, log_path, copy_path)
@@ -193,9 +208,19 @@ def main() -> int:
         asyncio.run(prepare_schema(dsn, copy_schema))
         asyncio.run(prepare_schema(dsn, fw_schema))
 
+        asyncio.run(prepare_bare_table(dsn, bare_schema))
+
+        bare_s, _ = asyncio.run(plain_copy(dsn, bare_schema, copy_path))
+        print(
+            f"COPY, bare table {args.lines / bare_s:>10,.0f} rows/s  ({bare_s:.2f} s, one "
+            "table without partitions or indexes: for reference only)"
+        )
         copy_s, how = asyncio.run(plain_copy(dsn, copy_schema, copy_path))
         copy_rate = args.lines / copy_s
-        print(f"plain COPY       {copy_rate:>10,.0f} rows/s  ({copy_s:.2f} s, {how})")
+        print(
+            f"plain COPY       {copy_rate:>10,.0f} rows/s  ({copy_s:.2f} s, {how}, into a "
+            "table identical to the forwarder's)"
+        )
 
         fw_s, rss_kib, _ = run_forwarder(dsn, fw_schema, log_path, workdir)
         stored = asyncio.run(count(dsn, fw_schema))
@@ -213,7 +238,7 @@ def main() -> int:
         return 0
     finally:
         if not args.keep:
-            for schema in (fw_schema, copy_schema):
+            for schema in (fw_schema, copy_schema, bare_schema):
                 asyncio.run(drop_schema(dsn, schema))
             if embedded is not None:
                 embedded.stop()
