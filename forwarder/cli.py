@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 import time
@@ -143,6 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     setup_logging(settings.daemon.log_level)
+    _tune_gc()
     show_progress = args.exit_on_eof and sys.stderr.isatty()
     try:
         return _run_async(
@@ -251,6 +253,18 @@ def cmd_recent(args: argparse.Namespace) -> int:
     if not rows and sys.stdout.isatty():
         print(f"no rows in the last {args.since}", file=sys.stderr)
     return 0
+
+
+def _tune_gc() -> None:
+    """Fewer cyclic-GC passes for a daemon that allocates one dict and tuple per line.
+
+    The pipeline's objects hold no reference cycles, yet at the default threshold (700
+    allocations) the collector runs thousands of times a second and costs ~12% of the
+    CPU (measured with tests/perf/file_to_pg.py). Start-up objects are frozen so that the
+    rarer full passes do not walk them again.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _run_async(coro: Any) -> Any:

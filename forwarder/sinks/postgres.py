@@ -276,6 +276,9 @@ def jsonb(value: Any) -> bytes:
 
 
 def _jsonb_encode(value: Any) -> bytes:
+    # Called once per row by COPY: meta dicts first, without a second function call.
+    if value.__class__ is dict:
+        return b"\x01" + orjson.dumps(value, default=_json_default)
     # bytes arrive already in the wire format (from `jsonb`): no second serialization.
     if isinstance(value, bytes):
         return value
