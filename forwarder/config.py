@@ -9,6 +9,7 @@ silently ignored. Every error names its TOML key path.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,12 +97,45 @@ class DaemonConfig(Section):
     )
 
 
-class FileSourceConfig(Section):
-    type: Literal["file"]
-    name: Name = Field(description="unique source name; keys the checkpoints")
-    service: Name = Field(description="service written on every row from this source")
-    paths: list[str] = Field(min_length=1, description="files to tail; globs allowed")
-    exclude: list[str] = Field(default_factory=list, description="globs of paths to skip")
+class MultilineConfig(Section):
+    """How consecutive lines are grouped into one record (tracebacks and the like)."""
+
+    mode: Literal["python", "custom", "off"] = Field(
+        "python",
+        description='"python": a traceback joins the line before it (or stands alone), '
+        'chained exceptions included; "custom": start_pattern/continue_pattern; "off"',
+    )
+    start_pattern: str | None = Field(
+        None, description="custom mode: regex a line matches when it starts a new record"
+    )
+    continue_pattern: str | None = Field(
+        None, description="custom mode: regex a line matches when it continues the record"
+    )
+    flush_timeout_s: float = Field(
+        1.0, gt=0, le=60, description="a held record is written after this long without a line"
+    )
+    max_lines: int = Field(500, ge=2, description="lines in one record at most; then a new one")
+    max_bytes: int = Field(
+        1_048_576, ge=1024, description="bytes in one record at most; then a new one"
+    )
+
+    @model_validator(mode="after")
+    def _patterns(self) -> MultilineConfig:
+        for key in ("start_pattern", "continue_pattern"):
+            pattern = getattr(self, key)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"{key} is not a valid regex: {e}") from None
+        if self.mode == "custom" and not (self.start_pattern or self.continue_pattern):
+            raise ValueError('mode "custom" needs start_pattern or continue_pattern')
+        return self
+
+
+class TailConfig(Section):
+    """How files are followed: shared by file sources and docker sources in files mode."""
+
     read_from: Literal["head", "tail"] = Field(
         "head",
         description="where to start a file present at first start with no checkpoint; "
@@ -121,9 +155,60 @@ class FileSourceConfig(Section):
     fingerprint_bytes: int = Field(
         256, ge=16, le=65536, description="leading bytes hashed to tell a reused inode apart"
     )
+    multiline: MultilineConfig = Field(
+        default_factory=MultilineConfig, description="grouping of tracebacks into one record"
+    )
 
 
-SourceConfig = Annotated[FileSourceConfig, Field(discriminator="type")]
+class FileSourceConfig(TailConfig):
+    type: Literal["file"]
+    name: Name = Field(description="unique source name; keys the checkpoints")
+    service: Name = Field(description="service written on every row from this source")
+    paths: list[str] = Field(min_length=1, description="files to tail; globs allowed")
+    exclude: list[str] = Field(default_factory=list, description="globs of paths to skip")
+    format: Literal["raw", "docker", "cri"] = Field(
+        "raw",
+        description='line framing: "raw" (lines as written), "docker" (json-file: '
+        '{"log","stream","time"}), "cri" (containerd/Kubernetes "<time> <stream> <P|F> <log>")',
+    )
+
+
+class DockerSourceConfig(TailConfig):
+    type: Literal["docker"]
+    name: Name = Field(description="unique source name; keys the checkpoints")
+    mode: Literal["files", "api"] = Field(
+        "files",
+        description='"files": tail the json-file logs under containers_dir; "api": follow '
+        "the Engine API over its unix socket (when the log files cannot be mounted)",
+    )
+    containers_dir: Path = Field(
+        Path("/var/lib/docker/containers"),
+        description="files mode: dockerd's containers folder (mounted read-only)",
+    )
+    socket: Path = Field(
+        Path("/var/run/docker.sock"), description="api mode: the Engine API's unix socket"
+    )
+    services: dict[str, Name] = Field(
+        default_factory=dict,
+        description="compose service or container name -> service written on the rows; "
+        "unmapped containers use their compose service, else their name",
+    )
+    include_containers: list[str] = Field(
+        default_factory=list, description="globs of container names to read (empty: all)"
+    )
+    exclude_containers: list[str] = Field(
+        default_factory=list, description="globs of container names to skip"
+    )
+    include_labels: list[str] = Field(
+        default_factory=list,
+        description='labels a container must carry to be read: "key" or "key=value"',
+    )
+    exclude_labels: list[str] = Field(
+        default_factory=list, description="containers with any of these labels are skipped"
+    )
+
+
+SourceConfig = Annotated[FileSourceConfig | DockerSourceConfig, Field(discriminator="type")]
 
 
 class Settings(BaseSettings):
@@ -206,7 +291,7 @@ def _describe(err: Mapping[str, Any], data: Mapping[str, Any]) -> str:
     if kind == "union_tag_invalid":
         return f"{path}.type: {err['msg']}"
     if kind == "union_tag_not_found":
-        return f"{path}.type: required key is missing (one of: file)"
+        return f"{path}.type: required key is missing (one of: file, docker)"
     msg = err["msg"].removeprefix("Value error, ")
     if "input" in err and kind not in ("missing",) and not _is_secret(err["loc"]):
         return f"{path}: {msg} (got {err['input']!r})"

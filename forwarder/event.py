@@ -37,9 +37,10 @@ class Position:
 
 @dataclass(frozen=True, slots=True)
 class RawChunk:
-    """Complete lines read in one go from one stream of one source.
+    """Complete records read in one go from one stream of one source.
 
-    `lines` hold no line terminator. `truncated` holds the indices of lines that were
+    `lines` hold no line terminator (a grouped record, e.g. a message and its traceback,
+    is one entry with inner newlines). `truncated` holds the indices of lines that were
     cut at max_line_bytes. `position` is where to resume after the last line; a chunk
     is never split across two database transactions, so that position is exact.
     """
@@ -49,6 +50,14 @@ class RawChunk:
     lines: list[bytes]
     position: Position | None = None
     truncated: frozenset[int] = frozenset()
+    # Facts about where the lines came from (container id and name, ...): added to the
+    # meta of every event of the chunk, winning over keys of the same name in the line.
+    meta: Mapping[str, Any] | None = None
+    # Per line, facts the transport recorded (stream: stdout|stderr, ...), added likewise.
+    line_meta: list[Mapping[str, Any] | None] | None = None
+    # Per line, when the runtime recorded it (Docker's and CRI's time): the event's ts
+    # when the line itself carries none (instead of the time of reading).
+    times: list[datetime | None] | None = None
 
 
 class Event(NamedTuple):

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from forwarder.config import (
     ConfigError,
+    DockerSourceConfig,
     FileSourceConfig,
     Settings,
     load_config,
@@ -135,22 +136,31 @@ def test_shipped_configs_are_valid(name: str) -> None:
     load_config(REPO / "config" / name)
 
 
-def _fields(model: type[BaseModel]) -> set[str]:
-    return set(model.model_fields)
+def _keys(model: type[BaseModel]) -> set[str]:
+    """Every key of a model, nested sections included."""
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        keys.add(name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys |= _keys(annotation)
+    return keys
 
 
 def test_every_option_is_documented_in_the_shipped_config() -> None:
     """A key that exists in the code but not in config/forwarder.toml fails here."""
     text = (REPO / "config" / "forwarder.toml").read_text()
     present = set(re.findall(r"^#?\s*([a-z_]+)\s*=", text, flags=re.MULTILINE))
-    sections = {name: field.annotation for name, field in Settings.model_fields.items()}
+    present |= set(re.findall(r"^#?\s*\[+(?:[a-z_]+\.)*([a-z_]+)\]+", text, flags=re.MULTILINE))
     expected: set[str] = set()
-    for name, annotation in sections.items():
+    for name, field in Settings.model_fields.items():
         if name == "sources":
-            expected |= _fields(FileSourceConfig)
+            for source_type in (FileSourceConfig, DockerSourceConfig):
+                expected |= _keys(source_type)
         else:
+            annotation = field.annotation
             assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
-            expected |= _fields(annotation)
+            expected |= _keys(annotation)
             assert f"[{name}]" in text, f"section [{name}] missing from config/forwarder.toml"
     missing = sorted(expected - present)
     assert not missing, f"options missing from config/forwarder.toml: {missing}"
