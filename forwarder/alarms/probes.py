@@ -1,0 +1,383 @@
+"""Health probes run by the daemon: Redis PING (RESP over TCP) and HTTP GET expecting 2xx.
+
+A probe's `check()` never raises for a failed check: it returns a `ProbeResult` with
+`ok=False` and the error, so a `health` alarm (and system_checks) sees every outcome.
+The `ProbeRunner` runs each probe on its own interval; when a probe is due is decided
+by the pure `ProbeSchedule` from the injected clock, and the loop only waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as errno_codes
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+import aiohttp
+
+from forwarder.alarms.config import HttpProbeConfig, ProbeConfig, RedisProbeConfig
+from forwarder.alarms.secrets import secret_ref
+from forwarder.clock import Clock
+
+__all__ = [
+    "HttpProbe",
+    "Probe",
+    "ProbeResult",
+    "ProbeRunner",
+    "ProbeSchedule",
+    "RedisProbe",
+    "build_probes",
+    "resp_command",
+]
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "alarms.probes"
+PING: Final = b"*1\r\n$4\r\nPING\r\n"
+MAX_DETAIL_CHARS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """One check: `detail` says what was seen ("PONG", "HTTP 200") or what went wrong."""
+
+    probe: str
+    kind: str
+    ok: bool
+    detail: str
+    latency_ms: float
+    at: datetime
+
+    @property
+    def error(self) -> str | None:
+        return None if self.ok else self.detail
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (system_checks.health_checks, /health)."""
+        return {
+            "probe": self.probe,
+            "type": self.kind,
+            "ok": self.ok,
+            "detail": self.detail,
+            "latency_ms": round(self.latency_ms, 3),
+            "at": self.at.isoformat(),
+        }
+
+
+class Probe(Protocol):
+    name: str
+    kind: str
+    interval_s: float
+
+    async def check(self) -> ProbeResult:
+        """Run once within the probe's timeout; a failure is a result, not an exception."""
+
+
+class ProbeFailed(Exception):
+    """A check got an answer, but the wrong one; the message is the result's detail."""
+
+
+def resp_command(*args: str) -> bytes:
+    """A RESP array of bulk strings: how a client sends a command to Redis."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 1] + "…"
+
+
+def _os_error_text(exc: OSError) -> str:
+    if exc.errno is not None and exc.errno in errno_codes.errorcode:
+        return os.strerror(exc.errno)
+    return exc.strerror or type(exc).__name__
+
+
+class _TimedProbe:
+    kind = ""
+
+    def __init__(self, name: str, clock: Clock, interval_s: float, timeout_s: float) -> None:
+        if timeout_s <= 0 or interval_s <= 0:
+            raise ValueError("a probe needs interval_s > 0 and timeout_s > 0")
+        self.name = name
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._clock = clock
+
+    async def check(self) -> ProbeResult:
+        started = self._clock.monotonic()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                ok, detail = True, await self._attempt()
+        except TimeoutError:
+            ok, detail = False, f"timed out after {self.timeout_s:g}s{self._phase_text()}"
+        except ProbeFailed as exc:
+            ok, detail = False, str(exc)
+        except OSError as exc:
+            ok, detail = False, f"{self._os_context()}: {_os_error_text(exc)}"
+        except Exception as exc:  # a probe must report, never kill the runner
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        latency_ms = (self._clock.monotonic() - started) * 1000.0
+        return ProbeResult(
+            self.name, self.kind, ok, _clip(self._redact(detail)), latency_ms, self._clock.now()
+        )
+
+    async def _attempt(self) -> str:
+        raise NotImplementedError
+
+    def _phase_text(self) -> str:
+        return ""
+
+    def _os_context(self) -> str:
+        return "I/O error"
+
+    def _redact(self, text: str) -> str:
+        return text
+
+
+class RedisProbe(_TimedProbe):
+    """PING over a fresh TCP connection, after AUTH when a password is configured."""
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        name: str,
+        clock: Clock,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 6379,
+        password: str | None = None,
+        interval_s: float = 10.0,
+        timeout_s: float = 2.0,
+    ) -> None:
+        super().__init__(name, clock, interval_s, timeout_s)
+        self.host = host
+        self.port = port
+        self._password = password
+        self._phase = "connect"
+
+    def __repr__(self) -> str:
+        return f"<RedisProbe {self.name!r} {self.host}:{self.port}>"
+
+    async def _attempt(self) -> str:
+        self._phase = "connect"
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            if self._password is not None:
+                self._phase = "AUTH"
+                writer.write(resp_command("AUTH", self._password))
+                await writer.drain()
+                reply = await self._reply(reader)
+                if reply != "+OK":
+                    raise ProbeFailed(f"AUTH refused by {self.host}:{self.port}: {reply}")
+            self._phase = "PING"
+            writer.write(PING)
+            await writer.drain()
+            reply = await self._reply(reader)
+            if reply != "+PONG":
+                raise ProbeFailed(f"PING to {self.host}:{self.port} answered {reply}")
+            return "PONG"
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _reply(self, reader: asyncio.StreamReader) -> str:
+        line = await reader.readline()
+        if not line:
+            raise ProbeFailed(f"{self.host}:{self.port} closed the connection during {self._phase}")
+        return line.rstrip(b"\r\n").decode("utf-8", "replace")
+
+    def _phase_text(self) -> str:
+        return f" ({self._phase} to {self.host}:{self.port})"
+
+    def _os_context(self) -> str:
+        if self._phase == "connect":
+            return f"cannot connect to {self.host}:{self.port}"
+        return f"{self._phase} to {self.host}:{self.port} failed"
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._password, "***") if self._password else text
+
+
+class HttpProbe(_TimedProbe):
+    """GET a URL on the shared session; any 2xx is healthy (redirects are not followed)."""
+
+    kind = "http"
+
+    def __init__(
+        self,
+        name: str,
+        clock: Clock,
+        session: aiohttp.ClientSession,
+        url: str,
+        *,
+        interval_s: float = 10.0,
+        timeout_s: float = 2.0,
+    ) -> None:
+        super().__init__(name, clock, interval_s, timeout_s)
+        self._session = session
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"<HttpProbe {self.name!r}>"
+
+    async def _attempt(self) -> str:
+        try:
+            async with self._session.get(self.url, allow_redirects=False) as resp:
+                if 200 <= resp.status < 300:
+                    await resp.read()
+                    return f"HTTP {resp.status}"
+                body = _clip(await resp.text(errors="replace"))
+                raise ProbeFailed(f"HTTP {resp.status}" + (f": {body}" if body else ""))
+        except aiohttp.ClientConnectorError as exc:
+            raise ProbeFailed(
+                f"cannot connect to {exc.host}:{exc.port}: {_os_error_text(exc.os_error)}"
+            ) from None
+        except aiohttp.ClientError as exc:
+            # str() of some aiohttp errors embeds the URL: name the kind of failure only.
+            raise ProbeFailed(f"HTTP request failed: {type(exc).__name__}") from None
+
+
+def build_probes(
+    configs: Mapping[str, ProbeConfig],
+    session: aiohttp.ClientSession,
+    clock: Clock,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> list[Probe]:
+    """One probe per `[probes.<name>]`; a password reference that cannot be read raises
+    SecretError naming probes.<name>.password_env/_file."""
+    probes: list[Probe] = []
+    for name, cfg in configs.items():
+        if isinstance(cfg, RedisProbeConfig):
+            password = secret_ref(
+                cfg, "password", f"probes.{name}", required=False, environ=environ
+            )
+            probes.append(
+                RedisProbe(
+                    name,
+                    clock,
+                    host=cfg.host,
+                    port=cfg.port,
+                    password=password,
+                    interval_s=cfg.interval_s,
+                    timeout_s=cfg.timeout_s,
+                )
+            )
+        elif isinstance(cfg, HttpProbeConfig):
+            probes.append(
+                HttpProbe(
+                    name,
+                    clock,
+                    session,
+                    cfg.url,
+                    interval_s=cfg.interval_s,
+                    timeout_s=cfg.timeout_s,
+                )
+            )
+        else:  # pragma: no cover - the config union is closed
+            raise ValueError(f"probes.{name}.type: unknown probe type {cfg.type!r}")
+    return probes
+
+
+class ProbeSchedule:
+    """When each probe is due (pure): first at `start`, then every interval.
+
+    A probe that falls behind (a check longer than its interval, a stalled loop) skips
+    the missed runs instead of running them back to back.
+    """
+
+    def __init__(self, intervals: Mapping[str, float], start: float) -> None:
+        self._intervals = dict(intervals)
+        self._next = dict.fromkeys(intervals, start)
+
+    def due(self, now: float) -> list[str]:
+        return [name for name, at in self._next.items() if at <= now]
+
+    def done(self, name: str, now: float) -> None:
+        """Record that `name`'s due run was made; `now` is when it finished."""
+        nxt = self._next[name] + self._intervals[name]
+        self._next[name] = nxt if nxt > now else now + self._intervals[name]
+
+    def wait_s(self, now: float) -> float:
+        if not self._next:
+            return float("inf")
+        return max(0.0, min(self._next.values()) - now)
+
+
+class ProbeRunner:
+    """Runs every probe on its interval and puts each result on `out`."""
+
+    def __init__(self, probes: Sequence[Probe], clock: Clock) -> None:
+        names = [p.name for p in probes]
+        if len(set(names)) != len(names):
+            raise ValueError("probe names must be unique")
+        self._probes = {p.name: p for p in probes}
+        self._clock = clock
+        self._state = "starting"
+        self.last: dict[str, ProbeResult] = {}
+        self.checks = 0
+        self.failures = 0
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self._state,
+            "probes": {name: r.as_dict() for name, r in self.last.items()},
+            "checks": self.checks,
+            "failures": self.failures,
+        }
+
+    async def run(self, out: asyncio.Queue[ProbeResult], stop: asyncio.Event) -> None:
+        """Until `stop` is set: run due probes (concurrently), put results, wait for the next."""
+        clock = self._clock
+        schedule = ProbeSchedule(
+            {name: p.interval_s for name, p in self._probes.items()}, clock.monotonic()
+        )
+        self._state = "ok"
+        try:
+            while not stop.is_set():
+                due = schedule.due(clock.monotonic())
+                if due:
+                    results = await asyncio.gather(*(self._probes[n].check() for n in due))
+                    finished = clock.monotonic()
+                    for name in due:
+                        schedule.done(name, finished)
+                    for result in results:
+                        self._record(result)
+                        await out.put(result)
+                    continue
+                wait_s = schedule.wait_s(clock.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(None if math.isinf(wait_s) else wait_s):
+                        await stop.wait()
+        finally:
+            self._state = "stopped"
+
+    def _record(self, result: ProbeResult) -> None:
+        self.checks += 1
+        previous = self.last.get(result.probe)
+        self.last[result.probe] = result
+        if not result.ok:
+            self.failures += 1
+        if previous is None or previous.ok != result.ok:
+            log.log(
+                logging.INFO if result.ok else logging.WARNING,
+                "probe %s (%s) %s: %s",
+                result.probe,
+                result.kind,
+                "ok" if result.ok else "failed",
+                result.detail,
+                extra={"component": COMPONENT, "probe": result.probe},
+            )
