@@ -15,17 +15,25 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from forwarder.alarms.config import (
+    AlarmConfig,
+    NotifierConfig,
+    PrivacyConfig,
+    ProbeConfig,
+    SamplingConfig,
+    alarm_reference_problems,
+)
+from forwarder.config_types import Identifier, Name, Section
+
+__all__ = ["Identifier", "Name", "Section"]
 
 DEFAULT_CONFIG_PATH = Path("config/forwarder.toml")
 CONFIG_ENV = "FORWARDER_CONFIG"
 DSN_ENV = "FORWARDER_DATABASE__DSN"
 EMBEDDED_DSN = "embedded"
-
-Name = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.\-]+$")]
-Identifier = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z_][a-z0-9_]*$")]
-
 
 class ConfigError(Exception):
     """The configuration cannot be used; `problems` name each key path and what is wrong."""
@@ -34,10 +42,6 @@ class ConfigError(Exception):
         self.source = source
         self.problems = problems
         super().__init__(f"{source}: " + "; ".join(problems))
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DatabaseConfig(Section):
@@ -227,6 +231,11 @@ class Settings(BaseSettings):
     pipeline: PipelineConfig = PipelineConfig()
     daemon: DaemonConfig = DaemonConfig()
     sources: list[SourceConfig] = Field(default_factory=list)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    alarms: list[AlarmConfig] = Field(default_factory=list)
+    notifiers: dict[Name, NotifierConfig] = Field(default_factory=dict)
+    probes: dict[Name, ProbeConfig] = Field(default_factory=dict)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -276,9 +285,13 @@ def load_config(path: Path | None = None) -> Settings:
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as e:
         raise ConfigError(source, [_describe(err, data) for err in e.errors()]) from None
+    problems = alarm_reference_problems(settings.alarms, settings.notifiers, settings.probes)
+    if problems:
+        raise ConfigError(source, problems)
+    return settings
 
 
 def _describe(err: Mapping[str, Any], data: Mapping[str, Any]) -> str:

@@ -18,12 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from forwarder.alarms.wiring import Alarms, AlarmSetupError, build_privacy, open_alarms
 from forwarder.clock import Clock, SystemClock
-from forwarder.config import DSN_ENV, EMBEDDED_DSN, DatabaseConfig, Settings
+from forwarder.config import DSN_ENV, EMBEDDED_DSN, DatabaseConfig, DockerSourceConfig, Settings
 from forwarder.event import EventChunk, RawChunk
+from forwarder.pipeline.sample import Sampler
 from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream, NormalizeStage
 from forwarder.sinks.embedded import EmbeddedServer, start_embedded
 from forwarder.sinks.postgres import PostgresSink
+from forwarder.sources.base import Source
+from forwarder.sources.docker import build_docker_source
 from forwarder.sources.file import FileSource, own_output_identities
 
 log = logging.getLogger(__name__)
@@ -87,10 +91,11 @@ class Pipeline:
 
     settings: Settings
     sink: PostgresSink
-    sources: list[FileSource]
+    sources: list[Source]
     normalize: NormalizeStage
     raw_q: asyncio.Queue[RawChunk | EndOfStream]
     event_q: asyncio.Queue[EventChunk | EndOfStream]
+    alarms: Alarms
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def progress(self) -> tuple[int, int]:
@@ -132,37 +137,75 @@ async def _run_pipeline(
     progress: ProgressReporter | None,
 ) -> int:
     db = settings.database
+    try:
+        privacy = build_privacy(settings)
+    except AlarmSetupError as e:
+        raise StartupError(str(e)) from None
     sink = PostgresSink(db, settings.batch, database.dsn, clock)
     await sink.open()
     try:
         for action in await sink.migrate(clock.now().date()):
             log.info("migrate: %s", action, extra={"component": "database"})
         own_output = own_output_identities()
-        sources = [
-            FileSource(
-                cfg,
-                await sink.load_checkpoints(cfg.name),
-                clock,
-                exit_on_eof=exit_on_eof,
-                ignore_identities=own_output,
-            )
-            for cfg in settings.sources
-        ]
+        sources: list[Source] = []
+        for cfg in settings.sources:
+            checkpoints = await sink.load_checkpoints(cfg.name)
+            if isinstance(cfg, DockerSourceConfig):
+                sources.append(
+                    build_docker_source(
+                        cfg,
+                        checkpoints,
+                        clock,
+                        exit_on_eof=exit_on_eof,
+                        ignore_identities=own_output,
+                    )
+                )
+            else:
+                sources.append(
+                    FileSource(
+                        cfg,
+                        checkpoints,
+                        clock,
+                        exit_on_eof=exit_on_eof,
+                        ignore_identities=own_output,
+                    )
+                )
         size = settings.pipeline.queue_chunks
-        pipeline = Pipeline(
-            settings=settings,
-            sink=sink,
-            sources=sources,
-            normalize=NormalizeStage(clock),
-            raw_q=asyncio.Queue(maxsize=size),
-            event_q=asyncio.Queue(maxsize=size),
-        )
-        _log_startup(settings, database)
-        if on_started is not None:
-            on_started(pipeline)
-        return await _supervise(pipeline, progress)
+        alarm_q: asyncio.Queue[EventChunk | EndOfStream] = asyncio.Queue(maxsize=size)
+        try:
+            async with open_alarms(settings, sink, clock, alarm_q) as alarms:
+                pipeline = Pipeline(
+                    settings=settings,
+                    sink=sink,
+                    sources=sources,
+                    normalize=NormalizeStage(
+                        clock, privacy=privacy, sampler=_sampler(settings, exit_on_eof)
+                    ),
+                    raw_q=asyncio.Queue(maxsize=size),
+                    event_q=asyncio.Queue(maxsize=size),
+                    alarms=alarms,
+                )
+                _log_startup(settings, database)
+                if on_started is not None:
+                    on_started(pipeline)
+                return await _supervise(pipeline, progress)
+        except AlarmSetupError as e:
+            raise StartupError(str(e)) from None
     finally:
         await sink.aclose()
+
+
+def _sampler(settings: Settings, exit_on_eof: bool) -> Sampler | None:
+    """Sampling protects the database from live floods; a backfill is never sampled."""
+    if exit_on_eof:
+        return None
+    cfg = settings.sampling
+    return Sampler(
+        threshold_per_min=cfg.threshold_per_min,
+        never_sample=frozenset(str(level) for level in cfg.never_sample),
+        window_s=cfg.window_s,
+        seed=cfg.seed,
+    )
 
 
 def _log_startup(settings: Settings, database: Database) -> None:
@@ -176,13 +219,29 @@ def _log_startup(settings: Settings, database: Database) -> None:
     )
     if not settings.sources:
         log.warning("no sources configured: nothing to read", extra={"component": "runtime"})
+    log.info(
+        "alarms: %d rule(s), notifiers: %s, probes: %s, sampling above %d lines/min per service",
+        len(settings.alarms),
+        ", ".join(settings.notifiers) or "none",
+        ", ".join(settings.probes) or "none",
+        settings.sampling.threshold_per_min,
+        extra={"component": "runtime", "event": "startup.alarms"},
+    )
     for cfg in settings.sources:
+        if isinstance(cfg, DockerSourceConfig):
+            where = (
+                f"containers in {cfg.containers_dir}"
+                if cfg.mode == "files"
+                else f"the Docker Engine API at {cfg.socket}"
+            )
+            what = f"following {where}, service from each container"
+        else:
+            what = f"tailing {', '.join(cfg.paths)} as service {cfg.service}"
         log.info(
-            "source %s (%s): tailing %s as service %s, new files from the %s",
+            "source %s (%s): %s, new files from the %s",
             cfg.name,
             cfg.type,
-            ", ".join(cfg.paths),
-            cfg.service,
+            what,
             cfg.read_from,
             extra={"component": "runtime", "event": "startup.source", "source": cfg.name},
         )
@@ -207,7 +266,7 @@ async def _supervise(pipeline: Pipeline, progress: ProgressReporter | None) -> i
     def on_signal(signum: int) -> None:
         nonlocal deadline
         name = signal.Signals(signum).name
-        if pipeline.stop.is_set():
+        if deadline is not None:
             force(f"second {name} during drain")
             return
         log.info(
@@ -227,9 +286,12 @@ async def _supervise(pipeline: Pipeline, progress: ProgressReporter | None) -> i
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(_run_sources(pipeline), name="sources")
-            normalize = pipeline.normalize.run(pipeline.raw_q, pipeline.event_q)
+            normalize = pipeline.normalize.run(
+                pipeline.raw_q, pipeline.event_q, pipeline.alarms.events
+            )
             tg.create_task(normalize, name="normalize")
             tg.create_task(pipeline.sink.run(pipeline.event_q), name="sink")
+            tg.create_task(pipeline.alarms.run(pipeline.sink, pipeline.stop), name="alarms")
     except asyncio.CancelledError:
         if forced:
             main.uncancel()  # the cancel was ours; let the clean-up below await normally
@@ -258,3 +320,4 @@ async def _run_sources(pipeline: Pipeline) -> None:
         for source in pipeline.sources:
             tg.create_task(source.run(pipeline.raw_q, pipeline.stop), name=f"source:{source}")
     await pipeline.raw_q.put(END_OF_STREAM)
+    pipeline.stop.set()  # every source has ended (a backfill at its end): stop the probes too

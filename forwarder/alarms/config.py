@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from forwarder.alarms.secrets import resolve_secret
-from forwarder.config import Name, Section
+from forwarder.config_types import Name, Section
 from forwarder.event import Level
 
 EnvName = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]

@@ -37,6 +37,7 @@ from typing import Any, Final
 import orjson
 
 from forwarder.event import Event, Level, RawChunk
+from forwarder.pipeline.multiline import traceback_facts
 
 __all__ = [
     "EVENT_MAX_CHARS",
@@ -58,6 +59,7 @@ _WARNING: Final = Level.WARNING
 _ERROR: Final = Level.ERROR
 
 _MISSING: Final[Any] = object()
+_TRACEBACK: Final = "Traceback (most recent call last):"
 _REPLACEMENT: Final = "\ufffd"
 _SPACE_BYTES: Final = b" \t\r\n\f\v"
 
@@ -147,13 +149,67 @@ def normalize(line: bytes, service: str, now: datetime, *, truncated: bool = Fal
 
 
 def normalize_chunk(chunk: RawChunk, now: datetime) -> list[Event]:
-    """`normalize` over every line of a chunk, in order, flagging its truncated lines."""
+    """`normalize` over every line of a chunk, in order, flagging its truncated lines.
+
+    With transport facts (`chunk.meta`, `line_meta`, `times`, see `RawChunk`): a line's
+    recorded time stands in for a timestamp the line does not carry (instead of `now`),
+    and the facts are merged into meta, winning over the line's own keys. A grouped
+    record (line_meta "multiline") is normalized by its first line, the other lines
+    following in the message; if it holds a Python traceback, the event is an ERROR
+    with meta.exc_type and meta.exc_message, and its event is "exception" where the
+    first line alone would have been "raw" (a traceback that stands alone).
+    """
     service = _clean_service(chunk.service)
+    if chunk.line_meta is not None or chunk.times is not None or chunk.meta is not None:
+        return _normalize_with_facts(chunk, service, now)
     one = _normalize
     cut = chunk.truncated
     if not cut:
         return [one(line, service, now, False) for line in chunk.lines]
     return [one(line, service, now, i in cut) for i, line in enumerate(chunk.lines)]
+
+
+def _normalize_with_facts(chunk: RawChunk, service: str, now: datetime) -> list[Event]:
+    cut = chunk.truncated
+    chunk_meta = chunk.meta
+    line_meta = chunk.line_meta
+    times = chunk.times
+    events: list[Event] = []
+    for i, line in enumerate(chunk.lines):
+        facts = None if line_meta is None else line_meta[i]
+        when = now
+        if times is not None:
+            recorded = times[i]
+            if recorded is not None:
+                when = recorded if recorded.tzinfo is UTC else (_as_utc(recorded) or now)
+        if facts is not None and "multiline" in facts and b"\n" in line:
+            event = _grouped(line, service, when, i in cut)
+        else:
+            event = _normalize(line, service, when, i in cut)
+        meta = event.meta  # a dict made for this event: filled in place
+        if chunk_meta:
+            meta.update(chunk_meta)  # type: ignore[attr-defined]
+        if facts:
+            meta.update(facts)  # type: ignore[attr-defined]
+        events.append(event)
+    return events
+
+
+def _grouped(line: bytes, service: str, now: datetime, truncated: bool) -> Event:
+    """A grouped record: its first line makes the event, the rest extends the message."""
+    nl = line.find(b"\n")
+    event = _normalize(line[:nl], service, now, truncated)
+    rest = _decode(line[nl + 1 :])
+    message = f"{event.message}\n{rest}" if event.message else rest
+    level, name, meta = event.level, event.event, event.meta
+    if _TRACEBACK in message:
+        exc = traceback_facts(message)
+        level = _ERROR
+        if name == "raw":
+            name = "exception"
+        if exc is not None:
+            meta["exc_type"], meta["exc_message"] = exc  # type: ignore[index]
+    return Event(event.ts, event.service, level, name, message, meta)
 
 
 def _normalize(line: bytes, service: str, now: datetime, truncated: bool) -> Event:

@@ -7,11 +7,15 @@ that each stage passes on after its producers are done.
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from forwarder.clock import Clock
 from forwarder.event import EventChunk, RawChunk
 from forwarder.pipeline.normalize import normalize_chunk
+
+if TYPE_CHECKING:
+    from forwarder.alarms.privacy import Pseudonymizer
+    from forwarder.pipeline.sample import Sampler
 
 
 class EndOfStream:
@@ -28,10 +32,24 @@ END_OF_STREAM: Final = EndOfStream()
 
 
 class NormalizeStage:
-    """Raw chunks in, event chunks out; positions travel with the events they cover."""
+    """Raw chunks in, event chunks out; positions travel with the events they cover.
 
-    def __init__(self, clock: Clock) -> None:
+    Optional steps, in this order: pseudonymize user identifiers (before anything sees
+    them), hand every event to the alarms (before sampling: sampling must never hide an
+    event from an alarm; this put blocks like any other, the alarm engine is cheap),
+    then sample what goes to the database.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        privacy: Pseudonymizer | None = None,
+        sampler: Sampler | None = None,
+    ) -> None:
         self.clock = clock
+        self.privacy = privacy
+        self.sampler = sampler
         self.lines_in = 0
         self.events_out = 0
 
@@ -39,18 +57,37 @@ class NormalizeStage:
         self,
         inp: asyncio.Queue[RawChunk | EndOfStream],
         out: asyncio.Queue[EventChunk | EndOfStream],
+        alarms: asyncio.Queue[EventChunk | EndOfStream] | None = None,
     ) -> None:
+        sampler = self.sampler
         while True:
             item = await inp.get()
             if item is END_OF_STREAM:
+                if sampler is not None:
+                    summaries = sampler.summaries(self.clock.monotonic(), flush=True)
+                    if summaries:
+                        await out.put(EventChunk(summaries))
+                if alarms is not None:
+                    await alarms.put(END_OF_STREAM)
                 await out.put(END_OF_STREAM)
                 return
             assert isinstance(item, RawChunk)
             events = normalize_chunk(item, self.clock.now())
+            if self.privacy is not None:
+                events = [self.privacy.apply(e) for e in events]
             self.lines_in += len(item.lines)
-            self.events_out += len(events)
             positions = (item.position,) if item.position is not None else ()
-            await out.put(EventChunk(events, positions))
+            chunk = EventChunk(events, positions)
+            if alarms is not None:
+                await alarms.put(chunk)
+            if sampler is not None:
+                now = self.clock.monotonic()
+                chunk = sampler.sample_chunk(chunk, now)
+                summaries = sampler.summaries(now)
+                if summaries:
+                    chunk = EventChunk([*chunk.events, *summaries], chunk.positions)
+            self.events_out += len(chunk.events)
+            await out.put(chunk)
             # Yield after every chunk, also when the queues never block: the sink's I/O
             # completions must not wait for a run of CPU-bound chunks.
             await asyncio.sleep(0)

@@ -472,6 +472,15 @@ class PostgresSink:
 
         return await self._with_retry("load checkpoints", load)
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The sink's pool, for other writers of the same database (alarm history)."""
+        return self._require_pool()
+
+    @property
+    def names(self) -> schema.Names:
+        return self._names
+
     async def healthcheck(self) -> None:
         """Raise unless the pool answers SELECT 1 and the log table exists."""
         pool = self._require_pool()

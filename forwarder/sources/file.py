@@ -16,6 +16,18 @@ directory it was read in, and read from its committed offset to its end.
 A file truncated and written again past the read offset between two polls (copytruncate)
 is noticed because its first bytes no longer match its fingerprint (checked at most once
 per `glob_interval_s`). The forwarder's own output (`ignore_identities`) is never read.
+
+Records: each file's lines go through its own framer (`sources.framing`, by `format`:
+raw, docker json-file, CRI) and grouper (`pipeline.multiline`: Python tracebacks or
+custom patterns); with format "raw" and multiline "off" lines go straight to chunks.
+Either stage may hold a record that is not complete yet (a docker piece waiting for
+the rest of its line, a line a traceback may still join). A chunk's position then
+stops at the first byte of the oldest held record, so a restart reads it again whole:
+exactly once also across kill -9. A held record is released after
+`multiline.flush_timeout_s` without a line (the idle wait wakes up for it), at the end
+of the file with `exit_on_eof`, when a rotated file is closed, and when the file is
+truncated (then with the next chunk of the new content). `describe(path)` names the
+service and meta of each file (the docker source's containers).
 """
 
 from __future__ import annotations
@@ -28,13 +40,15 @@ import hashlib
 import logging
 import os
 import stat
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, overload
 
 from forwarder.clock import Clock
 from forwarder.config import FileSourceConfig
 from forwarder.event import Position, RawChunk
+from forwarder.pipeline.multiline import Grouper, build_grouper
+from forwarder.sources.framing import Framer, Records, build_framer
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +56,19 @@ COMPONENT = "source.file"
 # Identities of files closed after rotate_wait, remembered so that a file that shows up
 # again under a watched path resumes instead of being read twice. Bounded, oldest first out.
 MAX_REMEMBERED = 4096
+# Docker and CRI wrapper lines are split into lines of their own at this size at least,
+# whatever max_line_bytes is: a runtime writes at most 16 KiB of log per wrapper line,
+# up to six times that once JSON-escaped; max_line_bytes then bounds the joined record.
+WRAPPER_LINE_BYTES = 128 * 1024
+
+
+@dataclass(frozen=True)
+class FileTarget:
+    """What a tailed file is: the service its rows are written as, and facts about it
+    (container id, name, ...) carried as `RawChunk.meta` on every chunk of the file."""
+
+    service: str
+    meta: Mapping[str, Any] = field(default_factory=dict)
 
 
 class LineSplitter:
@@ -65,6 +92,11 @@ class LineSplitter:
         self._cut = False  # the unfinished line is over max: _tail is its kept prefix
         self._skip = skip_first_line  # drop everything up to the next newline, emit nothing
         self.pending_bytes = 0
+
+    @property
+    def skipping(self) -> bool:
+        """Whether the bytes up to the next newline are dropped (read_from tail)."""
+        return self._skip
 
     @property
     def held_bytes(self) -> int:
@@ -164,6 +196,111 @@ class LineSplitter:
         self._cut = True
 
 
+class _LineStarts(Sequence[int]):
+    """File offsets where the lines completed by one read start, computed on demand.
+
+    Line 0 starts at `first` (before this read when it completes a held partial line);
+    every later line starts after a newline in `data`, read at file offset `base`.
+    """
+
+    __slots__ = ("_all", "_base", "_data", "_first", "_n", "_skip")
+
+    def __init__(self, data: bytes, base: int, first: int, n: int, skip: bool) -> None:
+        self._data = data
+        self._base = base
+        self._first = first
+        self._n = n
+        self._skip = skip  # the first newline of data ended a skipped line
+        self._all: list[int] | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[int]: ...
+    def __getitem__(self, i: int | slice) -> int | Sequence[int]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        if i == 0:
+            return self._first
+        if self._all is None:
+            if i == self._n - 1:  # the common question: where the last line starts
+                data = self._data
+                return self._base + data.rfind(b"\n", 0, data.rfind(b"\n")) + 1
+            self._all = self._compute()
+        return self._all[i]
+
+    def _compute(self) -> list[int]:
+        base, find = self._base, self._data.find
+        starts = [self._first]
+        nl = find(b"\n")  # the newline that ends line 0 (or the skipped line)
+        if self._skip:
+            nl = find(b"\n", nl + 1)
+        for _ in range(self._n - 1):
+            starts.append(base + nl + 1)
+            nl = find(b"\n", nl + 1)
+        return starts
+
+
+class _FileRecords:
+    """One file's lines -> framer -> grouper (all pure), and where the oldest record
+    either of them still holds starts: a position must never pass it.
+
+    Grouping runs over the file's records in file order, not per stream: a record is
+    complete before the next one starts, so "the start of the oldest held record" is
+    one offset and committing it is exact across kill -9. The price: a traceback
+    interleaved with lines of the other stream (stdout/stderr of one container) is
+    split where those lines fall (its remaining frames still stay one record).
+    Likewise a record is never joined across files: a traceback or docker piece cut
+    by a rotation becomes two records, one per file.
+    """
+
+    __slots__ = ("framer", "grouper")
+
+    def __init__(self, framer: Framer, grouper: Grouper) -> None:
+        self.framer = framer
+        self.grouper = grouper
+
+    def feed(self, lines: Records, now: float) -> Records:
+        return self.grouper.feed(self.framer.feed(lines, now), now)
+
+    def held_start(self) -> int | None:
+        # The framer releases records in file order, so what the grouper holds
+        # starts before anything the framer still holds.
+        start = self.grouper.held_start()
+        return self.framer.held_start() if start is None else start
+
+    def next_due(self) -> float | None:
+        a, b = self.grouper.next_due(), self.framer.next_due()
+        if a is None or b is None:
+            return b if a is None else a
+        return min(a, b)
+
+    def release_due(self, now: float) -> Records:
+        out = Records(starts=None)
+        freed = self.framer.flush_due(now)
+        if freed:
+            out.extend(self.grouper.feed(freed, now))
+        out.extend(self.grouper.flush_due(now))
+        return out
+
+    def flush(self, now: float) -> Records:
+        out = self.grouper.feed(self.framer.flush(), now)
+        out.extend(self.grouper.flush())
+        return out
+
+    def take_errors(self) -> int:
+        errors = self.framer.errors
+        self.framer.errors = 0
+        return errors
+
+
 @dataclass(eq=False)
 class _TrackedFile:
     key: str  # f"{st_dev}:{st_ino}"
@@ -179,6 +316,9 @@ class _TrackedFile:
     fp_len: int = -1  # -1: not computed yet
     fp_checked: float = float("-inf")  # monotonic time the head was last compared with fp
     read_error: bool = False
+    target: FileTarget | None = None  # None: the source's own service, no meta
+    records: _FileRecords | None = None  # None: raw lines, no grouping (the fast path)
+    carry: Records | None = None  # released when the file was truncated, not yet emitted
 
 
 class FileSource:
@@ -192,10 +332,19 @@ class FileSource:
         *,
         exit_on_eof: bool = False,
         ignore_identities: frozenset[tuple[int, int]] = frozenset(),
+        describe: Callable[[str], FileTarget | None] | None = None,
     ) -> None:
         """`ignore_identities`: (st_dev, st_ino) of files never to read, such as the
-        forwarder's own stderr (see `own_output_identities`)."""
+        forwarder's own stderr (see `own_output_identities`).
+
+        `describe(path)` is called before a matched path is opened (again at every scan
+        while it is not tracked; a file recovered after a rotation while down is passed
+        under its rotated name): None skips the file; a `FileTarget` gives the service
+        and the meta of every chunk read from it. Without it, every file is the
+        configured service with no meta."""
         self._config = config
+        self._describe = describe
+        self._undescribed: set[str] = set()  # paths describe() skipped, logged once
         self._clock = clock
         self._exit_on_eof = exit_on_eof
         self._ignore = ignore_identities
@@ -212,6 +361,14 @@ class FileSource:
         self.lines_truncated = 0
         self.truncations_detected = 0
         self.rotations_detected = 0
+        self.decode_errors = 0
+        cfg = config
+        self._framed = cfg.format != "raw" or cfg.multiline.mode != "off"
+        self._split_bytes = (
+            cfg.max_line_bytes
+            if cfg.format == "raw"
+            else max(cfg.max_line_bytes, WRAPPER_LINE_BYTES)
+        )
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -233,6 +390,7 @@ class FileSource:
             "lines_truncated": self.lines_truncated,
             "truncations_detected": self.truncations_detected,
             "rotations_detected": self.rotations_detected,
+            "decode_errors": self.decode_errors,
             "scans": self._scans,
         }
 
@@ -264,6 +422,8 @@ class FileSource:
                             chunk = self._finish(f)
                         elif f.rotated:
                             chunk = self._maybe_release(f)
+                    if chunk is None and f.records is not None and f.key in self._files:
+                        chunk = self._release_due(f)
                     if chunk is not None and not await self._emit(out, chunk, stop):
                         return
                 if self._exit_on_eof and not self._files:
@@ -272,12 +432,26 @@ class FileSource:
                     await asyncio.sleep(0)  # let the consumers run between rounds
                 else:
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(cfg.poll_interval_s):
+                        async with asyncio.timeout(self._idle_wait()):
                             await stop.wait()
         finally:
             for f in list(self._files.values()):
                 self._close(f)
             self._state = "stopped"
+
+    def _idle_wait(self) -> float:
+        """poll_interval_s, or less when a held record is due sooner (by the clock)."""
+        wait = self._config.poll_interval_s
+        if not self._framed:
+            return wait
+        now = self._clock.monotonic()
+        for f in self._files.values():
+            due = f.records.next_due() if f.records is not None else None
+            if f.carry is not None:
+                due = now
+            if due is not None and due - now < wait:
+                wait = max(0.0, due - now)
+        return wait
 
     async def _emit(self, out: asyncio.Queue[Any], chunk: RawChunk, stop: asyncio.Event) -> bool:
         """Put the chunk; False if stop came first while the queue was full (chunk dropped:
@@ -314,7 +488,8 @@ class FileSource:
             want = min(f.size - f.offset, self._config.read_budget_bytes)
             if want <= 0:
                 return None, False
-            data = os.pread(f.fd, want, f.offset)
+            base = f.offset
+            data = os.pread(f.fd, want, base)
         except OSError as e:
             if not f.read_error:
                 f.read_error = True
@@ -325,35 +500,103 @@ class FileSource:
             return None, False
         f.offset += len(data)
         self.bytes_read += len(data)
-        f.last_growth = self._clock.monotonic()
-        lines, truncated = f.splitter.feed(data)
+        now = f.last_growth = self._clock.monotonic()
+        splitter = f.splitter
+        records = f.records
+        if records is None:
+            lines, truncated = splitter.feed(data)
+            if not lines:
+                return None, True
+            return self._chunk(f, lines, truncated, f.offset - splitter.pending_bytes), True
+        first = base + data.find(b"\n") + 1 if splitter.skipping else base - splitter.pending_bytes
+        skipping = splitter.skipping
+        lines, truncated = splitter.feed(data)
         if not lines:
-            return None, True
-        return self._chunk(f, lines, truncated, f.offset - f.splitter.pending_bytes), True
+            return (self._records_chunk(f, None) if f.carry else None), True
+        starts = _LineStarts(data, base, first, len(lines), skipping)
+        out = records.feed(Records(lines, starts, truncated), now)
+        return self._records_chunk(f, out), True
+
+    def _release_due(self, f: _TrackedFile) -> RawChunk | None:
+        """A chunk of the records f holds that are due (flush timeout), if any."""
+        assert f.records is not None
+        now = self._clock.monotonic()
+        due = f.records.next_due()
+        if due is not None and now >= due:
+            return self._records_chunk(f, f.records.release_due(now))
+        return self._records_chunk(f, None) if f.carry is not None else None
 
     def _finish(self, f: _TrackedFile) -> RawChunk | None:
-        """f is read to its end and done with: close it; a chunk of its unfinished line."""
+        """f is read to its end and done with: close it; a chunk of its unfinished line
+        (and of every record still held)."""
+        start = f.offset - f.splitter.pending_bytes
         rest = f.splitter.flush()
         chunk = None
-        if rest is not None:
+        if f.records is not None:
+            now = self._clock.monotonic()
+            out = Records(starts=None)
+            if rest is not None:
+                line, cut = rest
+                out.extend(f.records.feed(Records([line], [start], [0] if cut else []), now))
+            out.extend(f.records.flush(now))
+            chunk = self._records_chunk(f, out)
+        elif rest is not None:
             line, cut = rest
             chunk = self._chunk(f, [line], [0] if cut else [], f.offset)
         self._close(f)
         return chunk
 
+    def _records_chunk(self, f: _TrackedFile, out: Records | None) -> RawChunk | None:
+        """A chunk of released records (after those carried over a truncation), or None.
+
+        Its position is where the oldest record still held starts, else the end of
+        the last complete line read: never past a byte of a held record.
+        """
+        assert f.records is not None
+        errors = f.records.take_errors()
+        if errors:
+            self.decode_errors += errors
+            self._warn_once(
+                f.path,
+                "format",
+                "%s has lines that are not %s lines; they are kept whole, flagged "
+                "meta.parse_error (counted in decode_errors, logged once per file)",
+                f.path,
+                self._config.format,
+            )
+        if f.carry is not None:
+            if out:
+                f.carry.extend(out)
+            out, f.carry = f.carry, None
+        if not out:
+            return None
+        held = f.records.held_start()
+        offset = f.offset - f.splitter.pending_bytes if held is None else held
+        return self._chunk(f, out.payloads, out.truncated, offset, out.metas, out.times)
+
     def _chunk(
-        self, f: _TrackedFile, lines: list[bytes], truncated: list[int], offset: int
+        self,
+        f: _TrackedFile,
+        lines: list[bytes],
+        truncated: list[int],
+        offset: int,
+        line_meta: list[Mapping[str, Any] | None] | None = None,
+        times: list[Any] | None = None,
     ) -> RawChunk:
         self._refresh_fingerprint(f)
         cfg = self._config
+        target = f.target
         return RawChunk(
             source=cfg.name,
-            service=cfg.service,
+            service=cfg.service if target is None else target.service,
             lines=lines,
             position=Position(
                 cfg.name, f.key, offset, {"path": f.path, "fp": f.fp, "fp_len": f.fp_len}
             ),
             truncated=frozenset(truncated),
+            meta=(target.meta or None) if target is not None else None,
+            line_meta=line_meta,
+            times=times,
         )
 
     def _refresh_fingerprint(self, f: _TrackedFile) -> None:
@@ -399,6 +642,15 @@ class FileSource:
             extra=self._log_extra,
         )
         self.truncations_detected += 1
+        if f.records is not None:
+            # Complete records held from before: emitted with the next chunk (nothing
+            # can extend them any more). A held partial line is dropped, as ever.
+            freed = f.records.flush(self._clock.monotonic())
+            if freed:
+                if f.carry is None:
+                    f.carry = freed
+                else:
+                    f.carry.extend(freed)
         f.offset = 0
         f.splitter.reset()
         f.fp_len = -1
@@ -522,6 +774,9 @@ class FileSource:
     def _open_recovered(self, path: str, dev: int, ino: int, checkpoint: Position) -> None:
         """Track path as an already-rotated file from the checkpoint's offset, if it is
         the checkpointed file and has grown past that offset."""
+        target = self._target_of(path)
+        if target is False:
+            return
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -549,11 +804,13 @@ class FileSource:
             fd=fd,
             offset=checkpoint.offset,
             size=st.st_size,
-            splitter=LineSplitter(self._config.max_line_bytes),
+            splitter=LineSplitter(self._split_bytes),
             last_growth=self._clock.monotonic(),
+            records=self._new_records(),
             rotated=True,
             fp=checkpoint.detail["fp"],
             fp_len=checkpoint.detail["fp_len"],
+            target=target,
         )
         self.rotations_detected += 1
         log.info(
@@ -568,6 +825,9 @@ class FileSource:
 
     def _open(self, path: str, first_scan: bool) -> str | None:
         """Open and start tracking the file at path; its key, or None if it was skipped."""
+        target = self._target_of(path)
+        if target is False:
+            return None
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -594,8 +854,10 @@ class FileSource:
             fd=fd,
             offset=offset,
             size=st.st_size,
-            splitter=LineSplitter(self._config.max_line_bytes, skip_first_line=skip),
+            splitter=LineSplitter(self._split_bytes, skip_first_line=skip),
             last_growth=self._clock.monotonic(),
+            target=target,
+            records=self._new_records(),
         )
         if checkpoint is not None and offset > 0:  # verified: its fingerprint holds
             f.fp, f.fp_len = checkpoint.detail["fp"], checkpoint.detail["fp_len"]
@@ -603,6 +865,30 @@ class FileSource:
             self._refresh_fingerprint(f)
         log.debug("tailing %s (%s) from offset %d", path, key, offset, extra=self._log_extra)
         return key
+
+    def _new_records(self) -> _FileRecords | None:
+        """A file's framer and grouper; None for raw lines with multiline off."""
+        if not self._framed:
+            return None
+        cfg = self._config
+        framer = build_framer(cfg.format, cfg.max_line_bytes, cfg.multiline.flush_timeout_s)
+        return _FileRecords(framer, build_grouper(cfg.multiline))
+
+    def _target_of(self, path: str) -> FileTarget | bool | None:
+        """describe(path): a FileTarget, None (no describe hook: the configured service)
+        or False (describe said to skip the file; logged once per path)."""
+        if self._describe is None:
+            return None
+        target = self._describe(path)
+        if target is None:
+            if path not in self._undescribed:
+                if len(self._undescribed) >= MAX_REMEMBERED:
+                    self._undescribed.clear()
+                self._undescribed.add(path)
+                log.debug("skipping %s: not described", path, extra=self._log_extra)
+            return False
+        self._undescribed.discard(path)
+        return target
 
     def _start_offset(self, fd: int, key: str, size: int, first_scan: bool) -> tuple[int, bool]:
         """Where a newly opened file starts, and whether to skip a partial first line."""

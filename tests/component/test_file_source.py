@@ -20,11 +20,14 @@ from forwarder.clock import Clock, SystemClock
 from forwarder.config import FileSourceConfig
 from forwarder.event import Position, RawChunk
 from forwarder.sources import file as file_module
-from forwarder.sources.file import FileSource, own_output_identities
+from forwarder.sources.file import FileSource, FileTarget, own_output_identities
 from tests.support import FakeClock, wait_until
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> FileSourceConfig:
+    """Raw lines, no grouping: these tests are about following files. (With the default
+    multiline mode every last line would wait for a traceback that may follow it;
+    grouping, and positions while records are held, are tested in test_file_records.)"""
     fields: dict[str, Any] = {
         "type": "file",
         "name": "files",
@@ -33,6 +36,7 @@ def make_config(tmp_path: Path, **overrides: Any) -> FileSourceConfig:
         "poll_interval_s": 0.01,
         "glob_interval_s": 0.05,
         "rotate_wait_s": 1.0,
+        "multiline": {"mode": "off"},
     }
     fields.update(overrides)
     return FileSourceConfig(**fields)
@@ -109,6 +113,7 @@ async def tail() -> AsyncIterator[Callable[..., Any]]:
         queue_size: int = 0,
         exit_on_eof: bool = False,
         ignore_identities: frozenset[tuple[int, int]] = frozenset(),
+        describe: Callable[[str], FileTarget | None] | None = None,
     ) -> Tail:
         source = FileSource(
             config,
@@ -116,6 +121,7 @@ async def tail() -> AsyncIterator[Callable[..., Any]]:
             clock or SystemClock(),
             exit_on_eof=exit_on_eof,
             ignore_identities=ignore_identities,
+            describe=describe,
         )
         t = Tail(source, queue_size)
         started.append(t)
@@ -834,3 +840,48 @@ def test_own_output_identities_are_the_regular_files_on_stdout_and_stderr(
     assert json.loads(err.read_bytes().splitlines()[-1]) == [list(identity(err))]
     # And in this process (stdout and stderr are whatever pytest made them).
     assert all(len(i) == 2 for i in own_output_identities())
+
+
+async def test_describe_names_the_service_and_meta_of_each_file_or_skips_it(
+    tmp_path: Path, tail: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "api.log").write_bytes(b"from api\n")
+    (tmp_path / "skip.log").write_bytes(b"never read\n")
+    asked: list[str] = []
+
+    def describe(path: str) -> FileTarget | None:
+        asked.append(path)
+        name = Path(path).stem
+        if name == "skip":
+            return None
+        return FileTarget(service=f"svc-{name}", meta={"container_name": name})
+
+    caplog.set_level(logging.DEBUG, logger=file_module.__name__)
+    t = await tail(make_config(tmp_path), describe=describe)
+    (tmp_path / "worker.log").write_bytes(b"from worker\n")
+    await t.wait_lines(2)
+    await t.wait_scans(2)
+    by_line = {c.lines[0]: c for c in t.drain()}
+    assert set(by_line) == {b"from api", b"from worker"}
+    assert (by_line[b"from api"].service, by_line[b"from api"].meta) == (
+        "svc-api",
+        {"container_name": "api"},
+    )
+    assert by_line[b"from worker"].service == "svc-worker"
+    assert by_line[b"from worker"].meta == {"container_name": "worker"}
+    # The skipped file is asked about again at every scan (its container may be
+    # described later), logged once, and never tracked.
+    skip = str(tmp_path / "skip.log")
+    assert asked.count(skip) >= 3
+    assert asked.count(str(tmp_path / "api.log")) == 1
+    assert [r.getMessage() for r in caplog.records].count(f"skipping {skip}: not described") == 1
+    assert skip not in [f["path"] for f in t.source.status()["files"]]
+
+
+async def test_without_describe_chunks_carry_the_configured_service_and_no_meta(
+    tmp_path: Path, tail: Callable[..., Any]
+) -> None:
+    (tmp_path / "app.log").write_bytes(b"x\n")
+    t = await tail(make_config(tmp_path))
+    await t.wait_lines(1)
+    assert (t.chunks[0].service, t.chunks[0].meta) == ("app", None)

@@ -22,6 +22,7 @@ def write_config(
     max_rows: int = 500,
     max_delay_s: float = 0.05,
     extra: str = "",
+    sampling_threshold_per_min: int = 1_000_000_000,
 ) -> Path:
     """A TOML config with one file source per entry of `files` (name -> globs)."""
     lines = [
@@ -37,6 +38,11 @@ def write_config(
         "[daemon]",
         "drain_timeout_s = 20",
         "log_level = 'DEBUG'",
+        "[privacy]",
+        "services = []",
+        "[sampling]",
+        # These tests count every line; sampling has tests of its own.
+        f"threshold_per_min = {sampling_threshold_per_min}",
     ]
     for name, globs in files.items():
         lines += [
@@ -61,9 +67,11 @@ class Daemon:
         self.args = args
         self.log_path = config.parent / "forwarder.stderr"
         self.proc: asyncio.subprocess.Process | None = None
+        self.env_extra: dict[str, str] = {}
 
     async def start(self) -> Daemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+        env.update(self.env_extra)
         with self.log_path.open("ab") as err:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -1,0 +1,151 @@
+"""Builds the alarm side of the daemon from the config: rules, notifiers, probes.
+
+The runtime owns the loops; this module owns turning config sections into the
+objects those loops run, so runtime.py stays free of alarm details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from forwarder.alarms.engine import AlarmEngine
+from forwarder.alarms.notify import Dispatcher, open_notifiers
+from forwarder.alarms.privacy import Pseudonymizer
+from forwarder.alarms.probes import ProbeResult, ProbeRunner, build_probes
+from forwarder.alarms.rules import Alert, RuleSet
+from forwarder.alarms.secrets import SecretError
+from forwarder.alarms.state import AlertRecorder, load_firing, record_probe_result
+from forwarder.clock import Clock
+from forwarder.config import Settings
+from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream
+from forwarder.sinks.postgres import PostgresSink
+
+log = logging.getLogger(__name__)
+
+ALERT_QUEUE_SIZE = 1000  # lossy: a full queue drops the newest alert and counts it
+
+
+class AlarmSetupError(Exception):
+    """A secret the alarms need is missing; the message names it (never its value)."""
+
+
+def build_privacy(settings: Settings) -> Pseudonymizer | None:
+    try:
+        key = settings.privacy.load_key()
+    except SecretError as e:
+        hint = "or set [privacy] services = [] to store user ids as they are"
+        raise AlarmSetupError(f"{e} ({hint})") from None
+    return Pseudonymizer.from_config(settings.privacy, key)
+
+
+@dataclass
+class Alarms:
+    """The running alarm side: engine, dispatcher, recorder, probes, and their queues."""
+
+    engine: AlarmEngine
+    dispatcher: Dispatcher
+    recorder: AlertRecorder
+    probes: ProbeRunner
+    events: asyncio.Queue[Any]
+    alerts: asyncio.Queue[Alert | EndOfStream] = field(
+        default_factory=lambda: asyncio.Queue(maxsize=ALERT_QUEUE_SIZE)
+    )
+    records: asyncio.Queue[Alert | EndOfStream] = field(
+        default_factory=lambda: asyncio.Queue(maxsize=ALERT_QUEUE_SIZE)
+    )
+    probe_results: asyncio.Queue[ProbeResult] = field(default_factory=asyncio.Queue)
+    engine_probe_results: asyncio.Queue[ProbeResult] = field(default_factory=asyncio.Queue)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine.status(),
+            "notifiers": self.dispatcher.status(),
+            "probes": self.probes.status(),
+        }
+
+    async def run(self, sink: PostgresSink, stop: asyncio.Event) -> None:
+        """Every alarm loop; returns once END_OF_STREAM has passed through all of them."""
+        probes_stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(
+                self.engine.run(
+                    self.events,
+                    self.engine_probe_results,
+                    self.alerts,
+                    stop,
+                    records_out=self.records,
+                ),
+                name="alarms.engine",
+            )
+            tg.create_task(self.dispatcher.run(self.alerts), name="alarms.dispatcher")
+            tg.create_task(self.recorder.run(self.records), name="alarms.recorder")
+            probing = tg.create_task(self.probes.run(self.probe_results, probes_stop))
+            recording = tg.create_task(self._record_probes(sink), name="alarms.probe_recorder")
+            await stop.wait()
+            probes_stop.set()
+            await probing
+            await self.probe_results.put(END_OF_STREAM)  # type: ignore[arg-type]
+            await recording
+
+    async def _record_probes(self, sink: PostgresSink) -> None:
+        """Each probe result: a system_checks row (health_checks), then to the engine."""
+        while (result := await self.probe_results.get()) is not END_OF_STREAM:
+            try:
+                async with sink.pool.acquire(timeout=5) as conn:
+                    await record_probe_result(conn, sink.names, result)
+            except Exception as e:  # history must not stop the alarms; the row is lost
+                log.warning(
+                    "could not record the result of probe %s: %s",
+                    result.probe,
+                    type(e).__name__,
+                    extra={"component": "alarms"},
+                )
+            self.engine_probe_results.put_nowait(result)
+
+
+@contextlib.asynccontextmanager
+async def open_alarms(
+    settings: Settings, sink: PostgresSink, clock: Clock, events: asyncio.Queue[Any]
+) -> AsyncIterator[Alarms]:
+    """Build the alarm side; the notifiers' HTTP session lives as long as the context."""
+    rules = RuleSet.from_config(settings.alarms)
+    engine = AlarmEngine(rules, clock)
+    async with sink.pool.acquire() as conn:
+        restored = await load_firing(conn, sink.names)
+    for row in engine.restore(restored):
+        log.info(
+            "alarm %s is no longer configured; its firing state was not restored",
+            row.rule,
+            extra={"component": "alarms"},
+        )
+    if restored:
+        log.info(
+            "%d firing alarm(s) restored from system_checks",
+            len(restored),
+            extra={"component": "alarms"},
+        )
+    async with contextlib.AsyncExitStack() as stack:
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        )
+        try:
+            probes = build_probes(settings.probes, session, clock)
+            notifiers = await stack.enter_async_context(
+                open_notifiers(settings.notifiers, session)
+            )
+        except SecretError as e:
+            raise AlarmSetupError(str(e)) from None
+        yield Alarms(
+            engine=engine,
+            dispatcher=Dispatcher(notifiers, clock),
+            recorder=AlertRecorder(sink.pool, sink.names),
+            probes=ProbeRunner(probes, clock),
+            events=events,
+        )
