@@ -16,6 +16,7 @@ from forwarder import __version__
 from forwarder.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, DSN_ENV, ConfigError, load_config
 
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: the configuration cannot be used
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: try again later (the spool is in use by another pipe)
 
 log = logging.getLogger("forwarder.cli")
 
@@ -41,6 +42,18 @@ examples:
   forwarder run --config config/forwarder.dev.toml
   FORWARDER_DATABASE__DSN=postgresql://logs@db/logs forwarder run
   forwarder run --config backfill.toml --exit-on-eof
+"""
+
+
+PIPE_EPILOG = """\
+Every line goes to a disk spool first (data_dir/spool/pipe-SERVICE/): if the database
+is unreachable, CMD still runs and prints as usual, and the lines are written by the
+next `forwarder pipe --service SERVICE`, before its own. SIGINT and SIGTERM are passed
+to CMD. The pipe's own warnings are JSON lines on stderr, each on a line of its own.
+
+examples:
+  forwarder pipe --service api -- uvicorn app.main:app --reload
+  python worker.py 2>&1 | forwarder pipe --service worker
 """
 
 
@@ -104,7 +117,46 @@ def build_parser() -> argparse.ArgumentParser:
     recent.add_argument("--limit", type=int, default=50, metavar="N", help="at most N rows")
     recent.add_argument("--json", action="store_true", help="one JSON object per line")
     recent.set_defaults(handler=cmd_recent)
+
+    pipe = commands.add_parser(
+        "pipe",
+        help="forward stdin, or run CMD and forward its stdout/stderr while still printing them",
+        description="Local development: run CMD and pass its stdout and stderr through\n"
+        "unchanged while every line is also written to the database (meta.stream =\n"
+        "stdout|stderr); exit with CMD's status. Without CMD, forward the lines of\n"
+        "stdin (and copy them to stdout).",
+        epilog=PIPE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pipe.add_argument(
+        "--service", required=True, type=_service_name, help="service written on every row"
+    )
+    pipe.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
+    pipe.add_argument(
+        "--flush-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="after CMD exits, wait at most this long for the database (default: 5); "
+        "what is not written by then stays in the spool for the next run",
+    )
+    pipe.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="-- CMD ARGS",
+        help="the command to run (after --); without it, stdin is forwarded",
+    )
+    pipe.set_defaults(handler=cmd_pipe)
     return parser
+
+
+def _service_name(value: str) -> str:
+    from forwarder.pipe import validate_service
+
+    try:
+        return validate_service(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -253,6 +305,42 @@ def cmd_recent(args: argparse.Namespace) -> int:
     if not rows and sys.stdout.isatty():
         print(f"no rows in the last {args.since}", file=sys.stderr)
     return 0
+
+
+def cmd_pipe(args: argparse.Namespace) -> int:
+    from forwarder.pipe import LineGate, PipeOptions, install_logging, run_pipe
+    from forwarder.runtime import StartupError
+    from forwarder.sinks.spool import SpoolError, SpoolLocked
+
+    settings = _load(args)
+    if settings is None:
+        return EXIT_CONFIG
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.flush_timeout < 0:
+        print("forwarder pipe: --flush-timeout must not be negative", file=sys.stderr)
+        return 2
+    gate = LineGate(sys.stderr.fileno())
+    install_logging(gate, settings.daemon.log_level)
+    options = PipeOptions(
+        service=args.service, command=tuple(command), flush_timeout_s=args.flush_timeout
+    )
+    try:
+        return int(_run_async(run_pipe(settings, options, stderr_gate=gate)))
+    except StartupError as e:
+        log.error("cannot start: %s", e, extra={"component": "pipe"})
+        return EXIT_CONFIG
+    except SpoolLocked as e:
+        log.error(
+            "cannot start: %s (another `forwarder pipe --service %s` is running; "
+            "give this one another --service)",
+            e,
+            args.service,
+            extra={"component": "pipe"},
+        )
+        return EXIT_TEMPFAIL
+    except SpoolError as e:
+        log.error("cannot start: %s", e, extra={"component": "pipe"})
+        return EXIT_CONFIG
 
 
 def _tune_gc() -> None:
