@@ -8,7 +8,7 @@ import gc
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,33 @@ def build_parser() -> argparse.ArgumentParser:
     recent.add_argument("--limit", type=int, default=50, metavar="N", help="at most N rows")
     recent.add_argument("--json", action="store_true", help="one JSON object per line")
     recent.set_defaults(handler=cmd_recent)
+
+    alerts = commands.add_parser(
+        "alerts",
+        help="list firing alarms, or reset them",
+        description="List the firing alarms recorded in system_checks, or reset them: "
+        "--reset RULE (or --all) writes an ok row for each, the strategy's "
+        "check_alerts.py --reset. After the runbook's procedure is applied.",
+    )
+    alerts.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
+    which = alerts.add_mutually_exclusive_group()
+    which.add_argument("--reset", metavar="RULE", help="clear the firing alarm(s) of RULE")
+    which.add_argument("--all", action="store_true", help="clear every firing alarm")
+    alerts.set_defaults(handler=cmd_alerts)
+
+    check = commands.add_parser(
+        "check-alerts",
+        help="evaluate the threshold alarms in SQL over system_logs",
+        description="Evaluate the threshold rules over the rows in system_logs, for "
+        "deployments where several forwarders write into one database (run it from cron). "
+        "Fires, repeats and resolves through system_checks rows like the daemon does.",
+    )
+    check.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
+    check.add_argument(
+        "--window", type=float, metavar="SECONDS", help="use this window for every rule"
+    )
+    check.add_argument("--dry-run", action="store_true", help="report, write nothing")
+    check.set_defaults(handler=cmd_check_alerts)
 
     pipe = commands.add_parser(
         "pipe",
@@ -247,13 +274,40 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_recent(args: argparse.Namespace) -> int:
+class CommandError(Exception):
+    """A read or maintenance command failed; the message says why (exit status 1)."""
+
+
+def _with_connection(settings: Any, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run `fn(conn)` on a connection to the configured database (embedded included)."""
     import asyncpg
+
+    from forwarder.runtime import StartupError, open_database
+
+    async def go() -> Any:
+        database = await open_database(settings.database)
+        try:
+            conn = await asyncpg.connect(database.dsn)
+            try:
+                return await fn(conn)
+            finally:
+                await conn.close()
+        finally:
+            database.close()
+
+    try:
+        return _run_async(go())
+    except StartupError as e:
+        raise CommandError(str(e)) from None
+    except (OSError, asyncpg.PostgresError) as e:
+        raise CommandError(f"cannot query the database: {e}") from None
+
+
+def cmd_recent(args: argparse.Namespace) -> int:
     import orjson
 
     from forwarder.clock import SystemClock
     from forwarder.queries import parse_duration, recent
-    from forwarder.runtime import StartupError, open_database
 
     try:
         window = parse_duration(args.since)
@@ -263,32 +317,20 @@ def cmd_recent(args: argparse.Namespace) -> int:
     settings = _load(args)
     if settings is None:
         return EXIT_CONFIG
-
-    async def query() -> list[dict[str, Any]]:
-        database = await open_database(settings.database)
-        try:
-            conn = await asyncpg.connect(database.dsn)
-            try:
-                return await recent(
-                    conn,
-                    settings.database,
-                    since=SystemClock().now() - window,
-                    service=args.service,
-                    level=args.level,
-                    limit=args.limit,
-                )
-            finally:
-                await conn.close()
-        finally:
-            database.close()
-
     try:
-        rows = _run_async(query())
-    except StartupError as e:
+        rows = _with_connection(
+            settings,
+            lambda conn: recent(
+                conn,
+                settings.database,
+                since=SystemClock().now() - window,
+                service=args.service,
+                level=args.level,
+                limit=args.limit,
+            ),
+        )
+    except CommandError as e:
         print(f"forwarder recent: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (OSError, asyncpg.PostgresError) as e:
-        print(f"forwarder recent: cannot query the database: {e}", file=sys.stderr)
         return 1
     for row in rows:
         meta = orjson.loads(row["meta"]) if isinstance(row["meta"], str | bytes) else row["meta"]
@@ -304,6 +346,87 @@ def cmd_recent(args: argparse.Namespace) -> int:
             )
     if not rows and sys.stdout.isatty():
         print(f"no rows in the last {args.since}", file=sys.stderr)
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from forwarder.alarms import state
+    from forwarder.clock import SystemClock
+    from forwarder.sinks.schema import Names
+
+    settings = _load(args)
+    if settings is None:
+        return EXIT_CONFIG
+    names = Names.from_config(settings.database)
+    rule = None if args.all else args.reset
+    if args.reset and args.reset not in {a.name for a in settings.alarms}:
+        print(f"note: no alarm named {args.reset!r} in the config", file=sys.stderr)
+
+    async def work(conn: Any) -> list[Any]:
+        if args.reset or args.all:
+            return await state.reset(conn, names, SystemClock().now(), rule=rule)
+        return await state.load_firing(conn, names)
+
+    try:
+        rows = _with_connection(settings, work)
+    except CommandError as e:
+        print(f"forwarder alerts: {e}", file=sys.stderr)
+        return 1
+    if args.reset or args.all:
+        for f in rows:
+            print(f"reset {f.rule}" + (f" [{f.group}]" if f.group else ""))
+        print(f"{len(rows)} alarm(s) reset; a running daemon resolves them on its own")
+        return 0
+    if not rows:
+        print("no alarm is firing")
+        return 0
+    for f in rows:
+        group = f" [{f.group}]" if f.group else ""
+        print(
+            f"FIRING  {f.rule}{group}  since {f.started_at:%Y-%m-%d %H:%M:%S}  "
+            f"count {f.count}  severity {f.severity or '-'}"
+        )
+        for sample in f.samples:
+            print(f"        {sample}")
+    return 0
+
+
+def cmd_check_alerts(args: argparse.Namespace) -> int:
+    from forwarder.alarms import state
+    from forwarder.clock import SystemClock
+    from forwarder.sinks.schema import Names
+
+    settings = _load(args)
+    if settings is None:
+        return EXIT_CONFIG
+    names = Names.from_config(settings.database)
+    try:
+        report = _with_connection(
+            settings,
+            lambda conn: state.check_alerts(
+                conn,
+                names,
+                settings.alarms,
+                SystemClock().now(),
+                window_s=args.window,
+                write=not args.dry_run,
+            ),
+        )
+    except CommandError as e:
+        print(f"forwarder check-alerts: {e}", file=sys.stderr)
+        return 1
+    for kind, alerts in (
+        ("fired", report.fired),
+        ("repeated", report.repeated),
+        ("resolved", report.resolved),
+    ):
+        for a in alerts:
+            group = f" [{a.group}]" if a.group else ""
+            print(f"{kind:<9} {a.rule}{group}  count {a.count}")
+    print(
+        f"{len(report.hits)} rule(s) over threshold; "
+        f"{'nothing written (dry run)' if args.dry_run else 'system_checks updated'}"
+    )
     return 0
 
 

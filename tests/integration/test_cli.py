@@ -99,3 +99,51 @@ async def test_recent_shows_the_latest_rows_filtered(
     assert [line.split()[4] for line in table.stdout.splitlines()] == ["db.down", "http", "cycle"]
     bad = forwarder("recent", "--config", str(config), "--since", "soon")
     assert bad.returncode == 2 and "not a duration: 'soon'" in bad.stderr
+
+
+ALARM = """
+[[alarms]]
+name = "api_error_burst"
+type = "threshold"
+match = { service = "api", level = "ERROR" }
+threshold = 5
+window_s = 60
+"""
+
+
+async def test_check_alerts_fires_and_alerts_lists_and_resets(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    config = write_config(tmp_path / "f.toml", dsn=pg_dsn, schema=pg_schema, files={}, extra=ALARM)
+    assert forwarder("migrate", "--config", str(config)).returncode == 0
+    now = datetime.now(UTC)
+    rows = [
+        (now - timedelta(seconds=i), "api", "ERROR", "db", f"timeout {i}", b"\x01{}")
+        for i in range(6)
+    ]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.set_type_codec(
+            "jsonb", schema="pg_catalog", encoder=lambda b: b, decoder=lambda b: b, format="binary"
+        )
+        await conn.copy_records_to_table(
+            "system_logs",
+            records=rows,
+            schema_name=pg_schema,
+            columns=["ts", "service", "level", "event", "message", "meta"],
+        )
+    finally:
+        await conn.close()
+    dry = forwarder("check-alerts", "--config", str(config), "--window", "60", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "nothing written (dry run)" in dry.stdout
+    assert forwarder("alerts", "--config", str(config)).stdout.strip() == "no alarm is firing"
+    check = forwarder("check-alerts", "--config", str(config), "--window", "60")
+    assert check.returncode == 0, check.stderr
+    assert "fired     api_error_burst  count 6" in check.stdout
+    listed = forwarder("alerts", "--config", str(config))
+    assert listed.stdout.startswith("FIRING  api_error_burst  since ")
+    assert "count 6" in listed.stdout
+    reset = forwarder("alerts", "--config", str(config), "--reset", "api_error_burst")
+    assert reset.returncode == 0 and "1 alarm(s) reset" in reset.stdout
+    assert forwarder("alerts", "--config", str(config)).stdout.strip() == "no alarm is firing"
