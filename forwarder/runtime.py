@@ -96,6 +96,7 @@ class Pipeline:
     raw_q: asyncio.Queue[RawChunk | EndOfStream]
     event_q: asyncio.Queue[EventChunk | EndOfStream]
     alarms: Alarms
+    exit_on_eof: bool = False
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def progress(self) -> tuple[int, int]:
@@ -184,6 +185,7 @@ async def _run_pipeline(
                     raw_q=asyncio.Queue(maxsize=size),
                     event_q=asyncio.Queue(maxsize=size),
                     alarms=alarms,
+                    exit_on_eof=exit_on_eof,
                 )
                 _log_startup(settings, database)
                 if on_started is not None:
@@ -319,5 +321,8 @@ async def _run_sources(pipeline: Pipeline) -> None:
     async with asyncio.TaskGroup() as tg:
         for source in pipeline.sources:
             tg.create_task(source.run(pipeline.raw_q, pipeline.stop), name=f"source:{source}")
+    if not pipeline.exit_on_eof:
+        # A daemon runs until a signal, even with no source (probes and alarms only).
+        await pipeline.stop.wait()
     await pipeline.raw_q.put(END_OF_STREAM)
-    pipeline.stop.set()  # every source has ended (a backfill at its end): stop the probes too
+    pipeline.stop.set()  # a backfill at its end: stop the probes too

@@ -164,7 +164,6 @@ class _Held:
     join_at: int = 0
     join_start: int = 0
     join_line: bytes = b""
-    join_cut: bool = False
     join_time: datetime | None = None
     head_cut: bool = False  # whether parts[:join_at] were cut
 
@@ -297,7 +296,6 @@ class PythonGrouper(_Base):
                     held.join_at = len(held.parts)
                     held.join_start = starts[i]
                     held.join_line = line
-                    held.join_cut = cut
                     held.join_time = time
                     held.head_cut = held.cut
                     held.cut = False

@@ -282,11 +282,15 @@ def _jsonb_encode(value: Any) -> bytes:
     # bytes arrive already in the wire format (from `jsonb`): no second serialization.
     if isinstance(value, bytes):
         return value
+    # A str is JSON text, as with asyncpg's own jsonb codec (other writers share the pool).
+    if isinstance(value, str):
+        return b"\x01" + value.encode()
     return jsonb(value)
 
 
-def _jsonb_decode(data: bytes) -> Any:
-    return orjson.loads(data[1:])
+def _jsonb_decode(data: bytes) -> str:
+    # JSON text, as asyncpg's own jsonb codec returns it: other readers share the pool.
+    return data[1:].decode()
 
 
 def server_settings(dsn: str) -> dict[str, str] | None:
@@ -307,6 +311,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 # --- one batch on its way to the database -----------------------------------------------------
+
 
 @dataclass(slots=True)
 class _DeadLetter:
@@ -367,8 +372,13 @@ class PostgresSink:
         clock: Clock,
         *,
         rng: random.Random | None = None,
+        on_batch: Callable[[float, int], None] | None = None,
     ) -> None:
+        """`on_batch(seconds, rows)` is called after each commit: the time from the
+        batch's first write attempt to its commit (retries included) and its rows (the
+        dead-lettered ones included). It must be cheap and must not raise."""
         self._db = db
+        self._on_batch = on_batch
         self._batch_config = batch
         self._dsn = dsn
         self._clock = clock
@@ -467,7 +477,8 @@ class PostgresSink:
         async def load(conn: asyncpg.Connection) -> dict[str, Position]:
             rows = await conn.fetch(sql, source, timeout=WRITE_TIMEOUT_S)
             return {
-                r["stream"]: Position(source, r["stream"], r["offset"], r["detail"]) for r in rows
+                r["stream"]: Position(source, r["stream"], r["offset"], orjson.loads(r["detail"]))
+                for r in rows
             }
 
         return await self._with_retry("load checkpoints", load)
@@ -560,6 +571,7 @@ class PostgresSink:
     async def _write_until_done(self, pending: _Pending) -> None:
         batch = pending.batch
         backoff: Backoff | None = None
+        started = self._clock.monotonic()
         while True:
             try:
                 await self._attempt(pending)
@@ -598,6 +610,11 @@ class PostgresSink:
         self.rows_dead_lettered += dead
         self.batches_written += 1
         self._last_commit = self._clock.monotonic()
+        if self._on_batch is not None:
+            try:
+                self._on_batch(self._last_commit - started, len(batch.events))
+            except Exception:  # a metrics hook must never fail a committed batch
+                log.exception("on_batch hook failed", extra={"component": COMPONENT})
         if dead:
             log.warning(
                 "%d rows refused by the database went to %s",
@@ -744,7 +761,9 @@ class PostgresSink:
             streams,
             timeout=WRITE_TIMEOUT_S,
         )
-        stored = {(r["source"], r["stream"]): (r["offset"], r["detail"]) for r in rows}
+        stored = {
+            (r["source"], r["stream"]): (r["offset"], orjson.loads(r["detail"])) for r in rows
+        }
         wanted = [
             (s, st, o, orjson.loads(d[1:]))
             for s, st, o, d in zip(sources, streams, offsets, details, strict=True)

@@ -453,3 +453,31 @@ async def test_restart_reads_a_held_docker_piece_again_from_its_start(tmp_path: 
 
     await restart_at_every_cut(tmp_path, config_for, data, cuts)
     assert payloads(await read_to_end(config_for(tmp_path / "whole"))) == expected
+
+
+@pytest.mark.parametrize("tail", [b"", b'Traceback (most recent call last):\r\n  File "x"\n'])
+async def test_position_stops_at_the_held_record_after_crlf_and_cut_lines(
+    tmp_path: Path, run: Callable[..., Run], tail: bytes
+) -> None:
+    head = b"a\r\n" + b"x" * 1000 + b"\n" + b"b\r\n"
+    log = tmp_path / "app.log"
+    log.write_bytes(head + b"ERROR:root:held\r\n" + tail)
+    r = run(make_config(tmp_path, max_line_bytes=256))
+    await r.wait_records(3)
+    assert r.records == [b"a", b"x" * 256, b"b"]
+    assert [c.position.offset for c in r.chunks if c.position] == [len(head)]
+
+
+async def test_position_of_a_held_record_after_a_skipped_partial_line(
+    tmp_path: Path, run: Callable[..., Run]
+) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(b"old line\nold partial")
+    r = run(make_config(tmp_path, read_from="tail"))
+    await r.wait_read(0)
+    await wait_until(lambda: r.source.status()["files"], what="file tracked")
+    with log.open("ab") as f:
+        f.write(b" rest\nERROR:root:x\nINFO:root:y\n")
+    assert await r.wait_records(1) == [b"ERROR:root:x"]
+    assert r.chunks[0].position is not None
+    assert r.chunks[0].position.offset == log.stat().st_size - len(b"INFO:root:y\n")

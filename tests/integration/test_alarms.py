@@ -175,3 +175,148 @@ async def _has_all_errors(dsn: str, schema: str) -> bool:
     finally:
         await conn.close()
     return n == 60
+
+
+HEALTH = """
+[[alarms]]
+name = "redis_down"
+type = "health"
+probe = "redis"
+severity = "critical"
+resolve_after_s = 1
+actions = ["pagerduty", "support_email"]
+
+[[alarms]]
+name = "redis_up_check"
+type = "health"
+probe = "real_redis"
+actions = ["pagerduty"]
+
+[notifiers.pagerduty]
+type = "pagerduty"
+routing_key_env = "TEST_PD_KEY"
+url = "http://127.0.0.1:{port}/pagerduty"
+
+[notifiers.support_email]
+type = "email"
+host = "127.0.0.1"
+port = {smtp_port}
+starttls = false
+sender = "forwarder@example.com"
+to = ["support@example.com"]
+
+[probes.redis]
+type = "redis"
+host = "127.0.0.1"
+port = {closed_port}
+interval_s = 0.2
+timeout_s = 0.2
+
+[probes.real_redis]
+type = "redis"
+host = "127.0.0.1"
+port = 6379
+interval_s = 0.2
+timeout_s = 0.2
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_a_failing_probe_pages_emails_records_and_survives_a_restart(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    import socket
+
+    from aiosmtpd.controller import Controller
+
+    with socket.socket() as s:  # the machine's Redis answers the second probe
+        if s.connect_ex(("127.0.0.1", 6379)) != 0:
+            import pytest
+
+            pytest.skip("no Redis on 127.0.0.1:6379 (the CI machine runs one)")
+
+    class Mailbox:
+        def __init__(self) -> None:
+            self.messages: list[bytes] = []
+
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            self.messages.append(envelope.content)  # type: ignore[attr-defined]
+            return "250 OK"
+
+    mailbox = Mailbox()
+    smtp_port = _free_port()
+    smtp = Controller(mailbox, hostname="127.0.0.1", port=smtp_port)
+    smtp.start()
+    receiver = await Receiver().start()
+    pd: list[dict] = []
+
+    async def pagerduty(request: web.Request) -> web.Response:
+        pd.append(await request.json())
+        return web.json_response({"status": "success"}, status=202)
+
+    receiver.runner.app.router._frozen = False  # type: ignore[union-attr]
+    receiver.runner.app.router.add_post("/pagerduty", pagerduty)  # type: ignore[union-attr]
+    config = write_config(
+        tmp_path / "f.toml", dsn=pg_dsn, schema=pg_schema, files={},
+        extra=HEALTH.format(port=receiver.port, smtp_port=smtp_port, closed_port=_free_port()),
+    )  # fmt: skip
+    env = {"TEST_PD_KEY": "pd-routing-key-123"}
+    daemon = Daemon(config)
+    daemon.env_extra = env
+    await daemon.start()
+    try:
+        await wait_until(lambda: any(e.get("event_action") == "trigger" for e in pd),
+                         what="the PagerDuty trigger")  # fmt: skip
+        trigger = next(e for e in pd if e["event_action"] == "trigger")
+        assert trigger["routing_key"] == "pd-routing-key-123"
+        assert trigger["dedup_key"] == "redis_down:"
+        assert trigger["payload"]["severity"] == "critical"
+        await wait_until(lambda: len(mailbox.messages) >= 1, what="the email")
+        assert b"redis_down" in mailbox.messages[0]
+        await wait_until(lambda: _probe_rows(pg_dsn, pg_schema), what="probe results recorded")
+        assert await daemon.stop() == 0, daemon.stderr()
+        triggers = sum(1 for e in pd if e["event_action"] == "trigger")
+        # Restart: the alarm is still firing (read back), and no second page is sent.
+        daemon = Daemon(config)
+        daemon.env_extra = env
+        await daemon.start()
+        await wait_until(lambda: "firing alarm(s) restored" in daemon.stderr(),
+                         what="the firing state restored")  # fmt: skip
+        await wait_until(lambda: _probe_rows(pg_dsn, pg_schema, at_least=20),
+                         what="more probe results after the restart")  # fmt: skip
+        assert sum(1 for e in pd if e["event_action"] == "trigger") == triggers
+        assert not any(e.get("dedup_key") == "redis_up_check:" for e in pd)
+    finally:
+        await daemon.stop()
+        await receiver.close()
+        smtp.stop()
+    assert "pd-routing-key-123" not in daemon.stderr()
+    conn = await asyncpg.connect(pg_dsn, server_settings={"search_path": pg_schema})
+    try:
+        details = await conn.fetchval(
+            "SELECT details FROM system_checks WHERE name = 'redis_down' ORDER BY id LIMIT 1"
+        )
+    finally:
+        await conn.close()
+    assert orjson.loads(details)["rule"] == "redis_down"  # a JSON object, not a string
+
+
+async def _probe_rows(dsn: str, schema: str, at_least: int = 3) -> bool:
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
+    try:
+        ok = await conn.fetchval(
+            "SELECT count(*) FROM system_checks WHERE name = 'probe:real_redis' AND status = 'ok'"
+        )
+        failed = await conn.fetchval(
+            "SELECT count(*) FROM system_checks WHERE name = 'probe:redis' AND status = 'failed'"
+        )
+    finally:
+        await conn.close()
+    return ok >= 1 and failed >= at_least
