@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -36,13 +39,48 @@ class AlarmSetupError(Exception):
     """A secret the alarms need is missing; the message names it (never its value)."""
 
 
+INSTALLATION_KEY_FILE = "privacy.key"
+
+
 def build_privacy(settings: Settings) -> Pseudonymizer | None:
+    """The pseudonymizer of user ids, or None when [privacy] names no service or key.
+
+    The key comes from the variable or file the config names. When neither was set
+    explicitly and the default variable is absent, a random key is made once and kept
+    in data_dir, so a single forwarder hashes ids safely with no setup; several
+    forwarders writing into one database must share a configured key instead.
+    """
+    cfg = settings.privacy
+    if not cfg.enabled():
+        return None
     try:
-        key = settings.privacy.load_key()
+        key = cfg.load_key()
     except SecretError as e:
-        hint = "or set [privacy] services = [] to store user ids as they are"
-        raise AlarmSetupError(f"{e} ({hint})") from None
-    return Pseudonymizer.from_config(settings.privacy, key)
+        explicit = cfg.hmac_key_file is not None or "hmac_key_env" in cfg.model_fields_set
+        if explicit:
+            hint = "or set [privacy] services = [] to store user ids as they are"
+            raise AlarmSetupError(f"{e} ({hint})") from None
+        key = _installation_key(settings.database.data_dir / INSTALLATION_KEY_FILE)
+    return Pseudonymizer.from_config(cfg, key)
+
+
+def _installation_key(path: Path) -> bytes:
+    """This installation's privacy key: read it, or create it (owner-only) the first time."""
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    log.info(
+        "privacy: no key configured (PRIVACY_HMAC_KEY); generated one in %s",
+        path,
+        extra={"component": "alarms"},
+    )
+    return key
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Tests in a real headless Chromium (Debian's chromium package; see .ci/install-browser)."""
