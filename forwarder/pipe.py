@@ -15,12 +15,25 @@ Who does what::
     forward task      the database side, in the background, retried until the server answers:
         PostgresSink.open/migrate/load_checkpoints -> acknowledge the committed position ->
         feeder (SpoolReader from there up to the writer's end: old runs' lines first) ->
-        NormalizeStage -> PostgresSink.run (rows + spool position, one transaction);
+        grouper (tracebacks, `SpoolGrouping`) -> NormalizeStage -> PostgresSink.run
+        (rows + spool position, one transaction);
         acker: committed position -> SpoolWriter.acknowledge (deletes whole segments)
     main              forwards SIGINT/SIGTERM to the child; after it exits: the pumps reach
         EOF, the spooler drains, the feeder sends END_OF_STREAM once it has read the whole
         spool, the sink commits; all of it within --flush-timeout, else the rest stays in
         the spool (data_dir/spool/pipe-<service>/).
+
+Records: the spooled lines go through a grouper (`pipeline/multiline.py`, the file
+source's: `PipeOptions.multiline`, python mode by default), so a `logger.exception`
+message and its traceback become one ERROR row. Grouping is sequential over the
+spool, as the file source groups a file, never per stream: a line continues the held
+record only if it comes from the same stream, and a line that does not continue it
+releases it. So a line of the other stream that the child prints in the middle of a
+traceback (its stdout while the traceback goes to stderr) splits the traceback there.
+A chunk's position never passes the first line of the record the grouper holds: a
+crash (kill -9) reads that record again whole from the spool, and only segments
+entirely before the committed position are deleted. The held record is released
+after `flush_timeout_s` without a line (by the injected clock) and at the end.
 
 Signals: this is the pipe command's runtime, so it installs its own handlers (the
 daemon's are in runtime.py). SIGTERM is always forwarded; SIGINT too, unless the child
@@ -40,15 +53,16 @@ import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
 from forwarder.clock import Clock, SystemClock
-from forwarder.config import EMBEDDED_DSN, Settings
+from forwarder.config import EMBEDDED_DSN, MultilineConfig, Settings
 from forwarder.event import EventChunk, RawChunk
 from forwarder.logs import JsonLogFormatter
+from forwarder.pipeline.multiline import Grouper, build_grouper
 from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream, NormalizeStage
 from forwarder.runtime import Database, open_database
 from forwarder.sinks.postgres import PostgresSink, error_text
@@ -57,7 +71,6 @@ from forwarder.sinks.spool import (
     START,
     FsyncMode,
     RecordTooLarge,
-    SpoolBatch,
     SpoolClosed,
     SpoolFull,
     SpoolPosition,
@@ -65,14 +78,17 @@ from forwarder.sinks.spool import (
     SpoolRecord,
     SpoolWriter,
     from_checkpoint,
+    segment_path,
     to_checkpoint,
 )
 from forwarder.sources.file import LineSplitter
+from forwarder.sources.framing import Records
 
 __all__ = [
     "LineGate",
     "PipeOptions",
     "PipeRun",
+    "SpoolGrouping",
     "install_logging",
     "pipe_source",
     "run_pipe",
@@ -131,6 +147,9 @@ class PipeOptions:
     stdin_fd: int = 0
     stdout_fd: int = 1
     stderr_fd: int = 2
+    # Grouping of tracebacks: the file source's defaults (there is no [pipe] section in
+    # the configuration; the CLI passes none).
+    multiline: MultilineConfig = field(default_factory=MultilineConfig)
 
     def __post_init__(self) -> None:
         validate_service(self.service)
@@ -411,6 +430,166 @@ class _Pump(threading.Thread):
         )
 
 
+# --- spooled lines grouped into records --------------------------------------------------------
+
+
+_Anchor = tuple[int, SpoolPosition]  # (sequence number k, the spool position before record k)
+
+
+class SpoolGrouping:
+    """The spool's records -> grouper, and where a chunk may say to resume reading.
+
+    The grouper (`pipeline/multiline.py`) is fed the records in spool order; it holds
+    the record it may still extend and says where that record starts (`held_start`).
+    The `starts` it is given are sequence numbers (the k-th record read in this run is
+    k): it only hands them back, never does arithmetic on them. A sequence number
+    becomes a spool position only when a chunk needs one: `step`, `release_due` and
+    `flush` return the released records with the position just before the first line
+    of the record still held (the end of what was read if none is): committing it
+    never skips a line of a held record, so a crash reads that record again whole.
+
+    The reader gives the position after a batch, not one per record, so a held
+    record's position is found (in a worker thread; the feed task awaits each call):
+
+    * from the spool format (one record per line): the line starts are counted back
+      from the batch's end in its segment's bytes, when the batch skipped no bad record
+      and the held record is in the batch's last segment. The common case: the last
+      line of a batch is held, as a traceback may still follow it;
+    * else by reading the records again, from the last known position before the held
+      record (`anchors`: every batch's end, and the last held record's position).
+    """
+
+    def __init__(
+        self,
+        grouper: Grouper,
+        reader: SpoolReader,
+        start: SpoolPosition,
+        meta_of: Callable[[str], Mapping[str, Any]],
+        *,
+        max_records: int = CHUNK_LINES,
+    ) -> None:
+        self.grouper = grouper
+        self._reader = reader
+        self._rereader = SpoolReader(reader.folder)  # its own counters: nothing counted twice
+        self._meta_of = meta_of
+        self._max_records = max_records
+        self.end = start  # read up to here
+        self._seq = 0  # sequence number of the next record read
+        self._anchors: list[_Anchor] = [(0, start)]  # ascending; none before the held record
+        self._batch: tuple[int, SpoolPosition] | None = None  # last batch read whole: base, start
+        self.rereads = 0  # positions found by reading records again (the slow way)
+
+    def step(self, until: SpoolPosition, now: float) -> tuple[Records, SpoolPosition] | None:
+        """Read the next records up to `until` and feed them to the grouper: the records
+        it released and the chunk's position; None if there was nothing to read."""
+        reader = self._reader
+        bad = reader.torn_records + reader.corrupt_records
+        batch = reader.read(self.end, until, max_records=self._max_records)
+        records = batch.records
+        if not records and batch.position == self.end:
+            return None
+        clean = reader.torn_records + reader.corrupt_records == bad
+        base, n = self._seq, len(records)
+        self._batch = (base, self.end) if clean and n else None
+        self._seq = base + n
+        self.end = batch.position
+        anchors = self._anchors
+        if anchors[-1][0] == self._seq:
+            anchors[-1] = (self._seq, self.end)  # no record since: the later is as good
+        else:
+            anchors.append((self._seq, self.end))
+        meta_of = self._meta_of
+        lines = Records(
+            [r.data for r in records],
+            range(base, base + n),
+            [i for i, r in enumerate(records) if r.truncated],
+            [meta_of(r.stream) for r in records],
+            [r.time for r in records],
+        )
+        return self.grouper.feed(lines, now), self._position()
+
+    def next_due(self) -> float | None:
+        """Monotonic time at which `release_due` releases the held record."""
+        return self.grouper.next_due()
+
+    def release_due(self, now: float) -> tuple[Records, SpoolPosition]:
+        """The held record if no line came for the flush timeout (else nothing)."""
+        return self.grouper.flush_due(now), self._position()
+
+    def flush(self) -> tuple[Records, SpoolPosition]:
+        """Everything held (the end): the position is then the end of what was read."""
+        return self.grouper.flush(), self._position()
+
+    def _position(self) -> SpoolPosition:
+        held = self.grouper.held_start()
+        if held is None:
+            self._anchors = [(self._seq, self.end)]
+            return self.end
+        anchors = self._anchors
+        k = len(anchors) - 1
+        while anchors[k][0] > held:  # anchors[0] is at or before any held record
+            k -= 1
+        seq, pos = anchors[k]
+        if seq < held:
+            pos = self._locate(held, seq, pos)
+        self._anchors = [(held, pos), *anchors[k + 1 :]]
+        return pos
+
+    def _locate(self, held: int, seq: int, pos: SpoolPosition) -> SpoolPosition:
+        """The position before record `held`, knowing `pos` is before record `seq`."""
+        batch = self._batch
+        if batch is not None and held > batch[0]:  # in the last batch, not its first
+            start, end = batch[1], self.end
+            floor = start.byte if start.segment == end.segment else 0
+            byte = _line_start_back(self._reader.folder, end, self._seq - held, floor)
+            if byte is not None:
+                return SpoolPosition(end.segment, byte)
+        self.rereads += 1
+        again = self._rereader.read(pos, self.end, max_records=held - seq, max_bytes=1 << 62)
+        if len(again.records) == held - seq:
+            return again.position
+        # Not the records read before (cannot happen while we are the only reader of
+        # what is not committed): the earlier position repeats lines after a crash
+        # rather than lose the held ones.
+        log.warning(
+            "spool %s: cannot find record %d again after %s; a crash now would forward "
+            "%d lines twice",
+            self._reader.folder,
+            held,
+            pos,
+            held - seq,
+            extra={"component": COMPONENT},
+        )
+        return pos
+
+
+def _line_start_back(folder: Path, end: SpoolPosition, count: int, floor: int) -> int | None:
+    """Where the `count`-th line before `end` starts in end's segment (a record is one
+    line), or None unless all `count` lines end at or after `floor` and the last one
+    ends at `end`. `floor` must be a line start (a batch's start, or 0)."""
+    size = end.byte - floor
+    if count < 1 or size <= 0:
+        return None
+    try:
+        fd = os.open(segment_path(folder, end.segment), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, size, floor)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        return None
+    i = size - 1  # the newline that ends the last line
+    for _ in range(count):
+        if i < 0 or data[i] != 0x0A:
+            return None
+        i = data.rfind(b"\n", 0, i)  # the newline before that line, -1: floor
+    return floor + i + 1
+
+
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -484,7 +663,7 @@ class PipeRun:
         self._interrupt = asyncio.Event()  # a signal while flushing: exit now
         self._stop_signal: int | None = None
         self._deadline: float | None = None  # loop time when the flush budget ends
-        self._fed_to: SpoolPosition = START
+        self._fed_to: SpoolPosition = START  # the last chunk's position (not past a held line)
         self._sink: PostgresSink | None = None
         self._stream_meta: dict[str, Mapping[str, Any]] = {}
         self._warned_full = False
@@ -790,38 +969,61 @@ class PipeRun:
                 database.close()  # the embedded server we started
 
     async def _feed(self, start: SpoolPosition, out: asyncio.Queue[RawChunk | EndOfStream]) -> None:
-        """Read the spool from `start` to the writer's end, following it; then END_OF_STREAM."""
-        pos = self._fed_to = start
+        """Read the spool from `start` to the writer's end, following it, grouped into
+        records; then END_OF_STREAM."""
+        self._fed_to = start
+        clock = self.clock
+        records = SpoolGrouping(
+            build_grouper(self.options.multiline), self.reader, start, self._meta_of
+        )
         while True:
             self._appended.clear()
             until = self.writer.position
-            batch = await asyncio.to_thread(self.reader.read, pos, until, max_records=CHUNK_LINES)
-            if batch.records or batch.position != pos:
-                await out.put(self._chunk(batch))
-                pos = self._fed_to = batch.position
+            step = await asyncio.to_thread(records.step, until, clock.monotonic())
+            if step is not None:
+                await self._put_chunk(out, *step)
                 continue
             if self._spooled_all.is_set() and self.writer.position == until:
+                await self._put_chunk(out, *await asyncio.to_thread(records.flush))
                 await out.put(END_OF_STREAM)
                 return
-            await self._appended.wait()
+            due = records.next_due()
+            if due is None:
+                await self._appended.wait()
+                continue
+            wait_s = due - clock.monotonic()
+            if wait_s <= 0:  # no line for the flush timeout: release the held record
+                now = clock.monotonic()
+                await self._put_chunk(out, *await asyncio.to_thread(records.release_due, now))
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._appended.wait()
 
-    def _chunk(self, batch: SpoolBatch) -> RawChunk:
-        # TODO(multiline, issue 3 part 5): group tracebacks here with the grouper being
-        # built in forwarder/pipeline/multiline.py (build_grouper(MultilineConfig), run over
-        # the records in spool order; lines of different streams never join). The chunk's
-        # position must then stop before the record the grouper still holds (its
-        # held_start, as a SpoolPosition), plus a flush timeout for the last one. Until it
-        # is wired, every line is one row.
-        records = batch.records
-        return RawChunk(
-            source=self.source,
-            service=self.options.service,
-            lines=[r.data for r in records],
-            position=to_checkpoint(self.source, batch.position, self.writer.spool_id),
-            truncated=frozenset(i for i, r in enumerate(records) if r.truncated),
-            line_meta=[self._meta_of(r.stream) for r in records],
-            times=[r.time for r in records],
+    async def _put_chunk(
+        self,
+        out: asyncio.Queue[RawChunk | EndOfStream],
+        records: Records,
+        position: SpoolPosition,
+    ) -> None:
+        """The released records as one chunk at `position` (also none, to move the
+        position past skipped bad records); nothing if neither changed."""
+        if not records and position == self._fed_to:
+            return
+        await out.put(
+            RawChunk(
+                source=self.source,
+                service=self.options.service,
+                lines=records.payloads,
+                position=to_checkpoint(self.source, position, self.writer.spool_id),
+                truncated=frozenset(records.truncated),
+                # a grouped record's meta: its first line's stream, and "multiline"
+                # (its line count), which makes normalize parse it as one record
+                line_meta=records.metas,
+                times=records.times,
+            )
         )
+        self._fed_to = position
 
     def _meta_of(self, stream: str) -> Mapping[str, Any]:
         meta = self._stream_meta.get(stream)

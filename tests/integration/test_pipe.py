@@ -1,6 +1,7 @@
 """`python -m forwarder pipe` as a real process, with real child processes, against a
-real PostgreSQL: passthrough, rows, exit statuses, signals, stdin, and the spool when
-the database is unreachable (then replayed exactly once by the next run)."""
+real PostgreSQL: passthrough, rows (a traceback is one row), exit statuses, signals,
+stdin, and the spool when the database is unreachable or the pipe is killed (then
+replayed exactly once by the next run)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from forwarder.config import parse_config
 from forwarder.event import RawChunk
 from forwarder.pipe import LineGate, PipeOptions, run_pipe, spool_folder
 from forwarder.pipeline.normalize import normalize_chunk
-from forwarder.sinks.spool import SpoolReader, list_segments
+from forwarder.sinks.spool import SpoolReader, SpoolRecord, list_segments
 from tests.support import wait_until
 
 SEQ = re.compile(r"seq=(\d+)")
@@ -68,7 +69,9 @@ def script(tmp_path: Path, name: str, code: str) -> list[str]:
 
 class Pipe:
     """One `python -m forwarder pipe` process, in a session of its own (no terminal, so
-    SIGINT is always forwarded); stdout and stderr collected as they arrive."""
+    SIGINT is always forwarded); stdout and stderr collected as they arrive.
+
+    `program`: what runs instead of `-m forwarder pipe` (given the same arguments)."""
 
     def __init__(
         self,
@@ -77,7 +80,9 @@ class Pipe:
         *command: str,
         stdin: int = asyncio.subprocess.DEVNULL,
         flush_timeout: float | None = None,
+        program: tuple[str, ...] = ("-m", "forwarder", "pipe"),
     ) -> None:
+        self.program = program
         self.args = ["--service", service, "--config", str(config)]
         if flush_timeout is not None:
             self.args += ["--flush-timeout", str(flush_timeout)]
@@ -93,9 +98,7 @@ class Pipe:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "forwarder",
-            "pipe",
+            *self.program,
             *self.args,
             stdin=self.stdin,
             stdout=asyncio.subprocess.PIPE,
@@ -338,7 +341,12 @@ async def test_a_child_killed_by_the_forwarded_sigterm_exits_143(
     assert [r["message"] for r in await fetch_rows(pg_dsn, pg_schema, "api")] == ["ready"]
 
 
-async def test_a_traceback_is_one_row_per_line_for_now(
+def meta_of(row: asyncpg.Record) -> dict[str, object]:
+    meta: dict[str, object] = orjson.loads(row["meta"])
+    return meta
+
+
+async def test_a_traceback_is_one_error_row(
     tmp_path: Path, config: Path, pg_dsn: str, pg_schema: str
 ) -> None:
     child = script(
@@ -363,17 +371,240 @@ async def test_a_traceback_is_one_row_per_line_for_now(
     assert pipe.proc is not None and pipe.proc.returncode == 1
     assert bytes(pipe.stderr) == expected.stderr
     lines = expected.stderr.decode().splitlines()
-    assert "Traceback (most recent call last):" in lines and lines[-1] == "KeyError: 'missing'"
+    assert lines[:3] == [
+        "INFO:app:starting",
+        "ERROR:app:division failed",
+        "Traceback (most recent call last):",
+    ]
+    second = lines.index("Traceback (most recent call last):", 3)
+    assert lines[second - 1] == "ZeroDivisionError: division by zero"
+    assert lines[-1] == "KeyError: 'missing'"
     rows = await fetch_rows(pg_dsn, pg_schema, "worker")
-    # TODO(multiline): once pipe.py groups with pipeline/multiline.py, the two tracebacks
-    # become one ERROR row each (meta.exc_type ZeroDivisionError / KeyError), the first
-    # joined to its "division failed" line: expect 3 rows then.
-    assert len(rows) == len(lines)
-    messages = [r["message"] for r in rows]
-    assert messages[:2] == ["starting", "division failed"]  # "INFO:app:starting" parsed
-    assert messages.count("Traceback (most recent call last):") == 2
-    assert "ZeroDivisionError: division by zero" in messages
-    assert messages[-1] == "KeyError: 'missing'"
+    # The logged exception joins its message line; the uncaught one stands alone.
+    assert (
+        [(r["level"], r["message"]) for r in rows]
+        == [
+            ("INFO", "starting"),  # "INFO:app:starting" parsed
+            ("ERROR", "\n".join(["division failed", *lines[2:second]])),
+            ("ERROR", "\n".join(lines[second:])),
+        ]
+    )
+    assert [meta_of(r) for r in rows] == [
+        {"stream": "stderr", "logger": "app"},
+        {
+            "stream": "stderr",
+            "logger": "app",
+            "multiline": second - 1,
+            "exc_type": "ZeroDivisionError",
+            "exc_message": "division by zero",
+        },
+        {
+            "stream": "stderr",
+            "multiline": len(lines) - second,
+            "exc_type": "KeyError",
+            "exc_message": "'missing'",
+        },
+    ]
+    assert rows[2]["event"] == "exception"
+
+
+async def test_a_traceback_on_stderr_between_stdout_lines_is_one_row(
+    tmp_path: Path, config: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    """stdout lines before and after a logger.exception on stderr: the traceback is one
+    row of its own stream. (A stdout line printed while the traceback is being written
+    would split it: grouping is sequential, see pipe.py.)"""
+    child = script(
+        tmp_path,
+        "api.py",
+        """
+        import json, logging, sys
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log = logging.getLogger("api")
+        for i in range(3):
+            print(f"seq={i} before", flush=True)
+        def load(raw):
+            return json.loads(raw)["user"]
+        try:
+            load('{"id": 1}')
+        except KeyError:
+            log.exception("request failed")
+        sys.stdin.readline()  # the test says go once the traceback is in the spool
+        for i in range(3, 6):
+            print(f"seq={i} after", flush=True)
+        """,
+    )
+    folder = spool_folder(tmp_path / "d", "api")
+    pipe = await Pipe(config, "api", *child, stdin=asyncio.subprocess.PIPE).start()
+    try:
+
+        def spooled() -> bool:
+            records: list[SpoolRecord] = []
+            with contextlib.suppress(FileNotFoundError):
+                records = SpoolReader(folder).read(None, max_records=10_000).records
+            return any(r.data == b"KeyError: 'user'" for r in records)
+
+        await wait_until(spooled, what="the whole traceback in the spool")
+        assert pipe.proc is not None and pipe.proc.stdin is not None
+        pipe.proc.stdin.write(b"go\n")
+        await pipe.proc.stdin.drain()
+        pipe.proc.stdin.close()
+        assert await pipe.finish() == 0
+    finally:
+        pipe.kill()
+    assert bytes(pipe.stdout) == b"".join(
+        b"seq=%d %s\n" % (i, b"before" if i < 3 else b"after") for i in range(6)
+    )
+    stderr = pipe.stderr.decode()
+    head, _, _ = stderr.partition("\n")
+    assert head.endswith(" ERROR api: request failed")
+    rows = await fetch_rows(pg_dsn, pg_schema, "api")
+    outs = [r for r in rows if meta_of(r)["stream"] == "stdout"]
+    assert [r["message"] for r in outs] == [f"seq={i} before" for i in range(3)] + [
+        f"seq={i} after" for i in range(3, 6)
+    ]
+    assert all(r["level"] == "INFO" and meta_of(r) == {"stream": "stdout"} for r in outs)
+    (error,) = [r for r in rows if meta_of(r)["stream"] == "stderr"]
+    assert error["level"] == "ERROR"
+    assert error["message"] == "request failed\n" + stderr.rstrip("\n").partition("\n")[2]
+    assert error["message"].endswith("KeyError: 'user'")
+    meta = meta_of(error)
+    assert (meta["exc_type"], meta["exc_message"]) == ("KeyError", "'user'")
+    assert meta["multiline"] == stderr.count("\n")
+    assert len(rows) == 7
+    assert not list_segments(folder)
+
+
+async def test_a_held_traceback_is_written_after_the_flush_timeout_while_the_child_runs(
+    tmp_path: Path, config: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    """Nothing follows the traceback (the child waits): after flush_timeout_s (1s, the
+    file source's default) it is released all the same."""
+    child = script(
+        tmp_path,
+        "stuck.py",
+        """
+        import logging, sys
+        logging.basicConfig()
+        try:
+            int("x")
+        except ValueError:
+            logging.getLogger("job").exception("parsing failed")
+        sys.stdin.readline()
+        """,
+    )
+    pipe = await Pipe(config, "job", *child, stdin=asyncio.subprocess.PIPE).start()
+    try:
+
+        async def written() -> bool:
+            return len(await fetch_rows(pg_dsn, pg_schema, "job")) == 1
+
+        await wait_until(written, what="the traceback's row while the child waits")
+        assert pipe.proc is not None and pipe.proc.returncode is None
+        assert pipe.proc.stdin is not None
+        pipe.proc.stdin.close()
+        assert await pipe.finish() == 0
+    finally:
+        pipe.kill()
+    (row,) = await fetch_rows(pg_dsn, pg_schema, "job")
+    assert row["level"] == "ERROR"
+    assert row["message"].startswith("parsing failed\nTraceback (most recent call last):\n")
+    assert row["message"].endswith("\nValueError: invalid literal for int() with base 10: 'x'")
+    assert meta_of(row)["exc_type"] == "ValueError"
+
+
+# `forwarder pipe` as the CLI runs it, but with the longest flush timeout (60s, which
+# the test's waits never reach): a traceback it holds stays held until the kill,
+# however slow the machine.
+HOLDING_PIPE = """
+import argparse, asyncio, sys
+from pathlib import Path
+from forwarder.config import MultilineConfig, load_config
+from forwarder.pipe import LineGate, PipeOptions, install_logging, run_pipe
+parser = argparse.ArgumentParser()
+parser.add_argument("--service")
+parser.add_argument("--config", type=Path)
+parser.add_argument("command", nargs=argparse.REMAINDER)
+args = parser.parse_args()
+settings = load_config(args.config)
+gate = LineGate(sys.stderr.fileno())
+install_logging(gate)
+options = PipeOptions(
+    service=args.service,
+    command=tuple(args.command[1:]),
+    multiline=MultilineConfig(flush_timeout_s=60),  # the most it may be
+)
+sys.exit(asyncio.run(run_pipe(settings, options, stderr_gate=gate)))
+"""
+
+
+EXC_LINE = b"ValueError: invalid literal for int() with base 10: 'x'"
+
+
+async def test_kill_9_while_a_traceback_is_held_then_the_next_run_writes_it_once_whole(
+    tmp_path: Path, config: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    child = script(
+        tmp_path,
+        "fails.py",
+        """
+        import logging, signal, sys
+        logging.basicConfig()
+        print("seq=0 before", file=sys.stderr, flush=True)
+        try:
+            int("x")
+        except ValueError:
+            logging.getLogger("job").exception("parsing failed")
+        signal.pause()
+        """,
+    )
+    holding = tmp_path / "holding_pipe.py"
+    holding.write_text(HOLDING_PIPE)
+    folder = spool_folder(tmp_path / "d", "job")
+    pipe = await Pipe(config, "job", *child, program=(str(holding),)).start()
+    try:
+
+        async def before_written() -> bool:
+            rows = await fetch_rows(pg_dsn, pg_schema, "job")
+            return [r["message"] for r in rows] == ["seq=0 before"]
+
+        def traceback_spooled() -> bool:
+            records = SpoolReader(folder).read(None, max_records=10_000).records
+            return bool(records) and records[-1].data == EXC_LINE
+
+        # "seq=0 before" is released by the next line, the message line, which the
+        # grouper then holds with its traceback.
+        await wait_until(before_written, what="the line before the traceback committed")
+        await wait_until(traceback_spooled, what="the whole traceback in the spool")
+        assert pipe.proc is not None
+        os.killpg(pipe.proc.pid, signal.SIGKILL)  # the pipe and its child
+        await pipe.finish()
+    finally:
+        pipe.kill()
+    # The traceback was held: nothing of it was committed.
+    assert [r["message"] for r in await fetch_rows(pg_dsn, pg_schema, "job")] == ["seq=0 before"]
+    spooled = SpoolReader(folder).read(None, max_records=10_000).records
+    assert [r.data for r in spooled[:3]] == [
+        b"seq=0 before",
+        b"ERROR:job:parsing failed",
+        b"Traceback (most recent call last):",
+    ]
+
+    again = await run_pipe_process(config, "job", sys.executable, "-c", "pass")
+    assert again.proc is not None and again.proc.returncode == 0
+    rows = await fetch_rows(pg_dsn, pg_schema, "job")
+    assert [r["message"] for r in rows] == [
+        "seq=0 before",
+        "\n".join(["parsing failed", *(r.data.decode() for r in spooled[2:])]),
+    ]
+    assert rows[1]["level"] == "ERROR"
+    meta = meta_of(rows[1])
+    assert meta["exc_type"] == "ValueError" and meta["multiline"] == len(spooled) - 1
+    assert not list_segments(folder)
+
+    third = await run_pipe_process(config, "job", sys.executable, "-c", "pass")
+    assert third.proc is not None and third.proc.returncode == 0
+    assert len(await fetch_rows(pg_dsn, pg_schema, "job")) == 2
 
 
 async def test_stdin_is_forwarded_and_copied_to_stdout(
