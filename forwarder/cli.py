@@ -145,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dry-run", action="store_true", help="report, write nothing")
     check.set_defaults(handler=cmd_check_alerts)
 
+    summary = commands.add_parser(
+        "summary",
+        help="log statistics of a recent window; optionally into a JSON report",
+        description="Lines per service and level over the window, the critical (ERROR) "
+        "count for the dashboard badge and the firing alarms. --merge writes them into "
+        "that report's log_summary field (e.g. latest_oneclick_report.json), keeping its "
+        "other fields.",
+    )
+    summary.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
+    summary.add_argument(
+        "--window", default="15m", metavar="DURATION", help="how far back: 30s, 15m, 2h, 7d"
+    )
+    summary.add_argument("--merge", type=Path, metavar="FILE", help="JSON report to update")
+    summary.set_defaults(handler=cmd_summary)
+
     pipe = commands.add_parser(
         "pipe",
         help="forward stdin, or run CMD and forward its stdout/stderr while still printing them",
@@ -427,6 +442,39 @@ def cmd_check_alerts(args: argparse.Namespace) -> int:
         f"{len(report.hits)} rule(s) over threshold; "
         f"{'nothing written (dry run)' if args.dry_run else 'system_checks updated'}"
     )
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    import orjson
+
+    from forwarder.queries import parse_duration
+    from forwarder.report import merge_into_report, summarize
+    from forwarder.sinks.schema import Names
+
+    try:
+        window = parse_duration(args.window)
+    except ValueError as e:
+        print(f"forwarder summary: --window: {e}", file=sys.stderr)
+        return 2
+    settings = _load(args)
+    if settings is None:
+        return EXIT_CONFIG
+    names = Names.from_config(settings.database)
+    try:
+        result = _with_connection(settings, lambda conn: summarize(conn, names, window))
+    except CommandError as e:
+        print(f"forwarder summary: {e}", file=sys.stderr)
+        return 1
+    if args.merge is not None:
+        try:
+            merge_into_report(args.merge, result)
+        except (OSError, ValueError) as e:
+            print(f"forwarder summary: cannot update {args.merge}: {e}", file=sys.stderr)
+            return 1
+        print(f"log_summary written into {args.merge}")
+        return 0
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2, default=str).decode())
     return 0
 
 

@@ -27,6 +27,7 @@ from forwarder.alarms.config import (
     alarm_reference_problems,
 )
 from forwarder.config_types import Identifier, Name, Section
+from forwarder.http_config import HttpConfig
 
 __all__ = ["Identifier", "Name", "Section"]
 
@@ -34,6 +35,7 @@ DEFAULT_CONFIG_PATH = Path("config/forwarder.toml")
 CONFIG_ENV = "FORWARDER_CONFIG"
 DSN_ENV = "FORWARDER_DATABASE__DSN"
 EMBEDDED_DSN = "embedded"
+
 
 class ConfigError(Exception):
     """The configuration cannot be used; `problems` name each key path and what is wrong."""
@@ -236,6 +238,7 @@ class Settings(BaseSettings):
     notifiers: dict[Name, NotifierConfig] = Field(default_factory=dict)
     probes: dict[Name, ProbeConfig] = Field(default_factory=dict)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -289,6 +292,11 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
     except ValidationError as e:
         raise ConfigError(source, [_describe(err, data) for err in e.errors()]) from None
     problems = alarm_reference_problems(settings.alarms, settings.notifiers, settings.probes)
+    if settings.http.enabled and settings.http.source_name in {s.name for s in settings.sources}:
+        problems.append(
+            f"http.source_name: {settings.http.source_name!r} is also the name of a "
+            "[[sources]] entry; the intake needs a name of its own"
+        )
     if problems:
         raise ConfigError(source, problems)
     return settings

@@ -18,14 +18,21 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from aiohttp import web
+
 from forwarder.alarms.wiring import Alarms, AlarmSetupError, build_privacy, open_alarms
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import DSN_ENV, EMBEDDED_DSN, DatabaseConfig, DockerSourceConfig, Settings
 from forwarder.event import EventChunk, RawChunk
+from forwarder.http import EngineAlarmControl, HttpContext, build_app, start_http, stop_http
+from forwarder.http_config import TokenError
+from forwarder.intake import Intake
+from forwarder.metrics import Metrics, pipeline_status, snapshot_of
 from forwarder.pipeline.sample import Sampler
 from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream, NormalizeStage
 from forwarder.sinks.embedded import EmbeddedServer, start_embedded
 from forwarder.sinks.postgres import PostgresSink
+from forwarder.sinks.spool import SpoolError
 from forwarder.sources.base import Source
 from forwarder.sources.docker import build_docker_source
 from forwarder.sources.file import FileSource, own_output_identities
@@ -142,7 +149,8 @@ async def _run_pipeline(
         privacy = build_privacy(settings)
     except AlarmSetupError as e:
         raise StartupError(str(e)) from None
-    sink = PostgresSink(db, settings.batch, database.dsn, clock)
+    metrics = Metrics()
+    sink = PostgresSink(db, settings.batch, database.dsn, clock, on_batch=metrics.observe_batch)
     await sink.open()
     try:
         for action in await sink.migrate(clock.now().date()):
@@ -171,6 +179,9 @@ async def _run_pipeline(
                         ignore_identities=own_output,
                     )
                 )
+        intake = await _build_intake(settings, sink, clock) if settings.http.enabled else None
+        if intake is not None:
+            sources.append(intake)
         size = settings.pipeline.queue_chunks
         alarm_q: asyncio.Queue[EventChunk | EndOfStream] = asyncio.Queue(maxsize=size)
         try:
@@ -187,14 +198,71 @@ async def _run_pipeline(
                     alarms=alarms,
                     exit_on_eof=exit_on_eof,
                 )
+                metrics.read_from(lambda: snapshot_of(pipeline))
+                runner = await _start_http(settings, pipeline, sink, metrics, clock, intake)
                 _log_startup(settings, database)
                 if on_started is not None:
                     on_started(pipeline)
-                return await _supervise(pipeline, progress)
+                try:
+                    return await _supervise(pipeline, progress)
+                finally:
+                    if runner is not None:
+                        await stop_http(runner)
+                    if intake is not None:
+                        intake.close()
         except AlarmSetupError as e:
             raise StartupError(str(e)) from None
     finally:
         await sink.aclose()
+
+
+async def _build_intake(settings: Settings, sink: PostgresSink, clock: Clock) -> Intake:
+    name = settings.http.source_name
+    try:
+        return Intake(
+            settings.http,
+            settings.database.data_dir,
+            clock,
+            await sink.load_checkpoints(name),
+            committed=lambda: sink.load_checkpoints(name),
+        )
+    except (OSError, SpoolError) as e:
+        raise StartupError(f"cannot open the HTTP intake's spool: {e}") from None
+
+
+async def _start_http(
+    settings: Settings,
+    pipeline: Pipeline,
+    sink: PostgresSink,
+    metrics: Metrics,
+    clock: Clock,
+    intake: Intake | None,
+) -> web.AppRunner | None:
+    if not settings.http.enabled:
+        return None
+    try:
+        ctx = HttpContext(
+            settings=settings,
+            clock=clock,
+            pool=sink.pool,
+            names=sink.names,
+            status=lambda: pipeline_status(pipeline),
+            metrics=metrics,
+            alarms=EngineAlarmControl(pipeline.alarms.engine),
+            intake=intake,
+        )
+        runner = await start_http(build_app(ctx), settings.http.listen)
+    except TokenError as e:
+        raise StartupError(str(e)) from None
+    except OSError as e:
+        raise StartupError(f"cannot listen on {settings.http.listen}: {e.strerror}") from None
+    log.info(
+        "HTTP on %s: /logs/ingest (service %s), /health, /metrics, / (status page)",
+        settings.http.listen,
+        settings.http.service,
+        extra={"component": "runtime", "event": "startup.http"},
+    )
+    return runner
 
 
 def _sampler(settings: Settings, exit_on_eof: bool) -> Sampler | None:

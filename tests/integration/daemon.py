@@ -23,6 +23,7 @@ def write_config(
     max_delay_s: float = 0.05,
     extra: str = "",
     sampling_threshold_per_min: int = 1_000_000_000,
+    privacy_services: tuple[str, ...] = (),
 ) -> Path:
     """A TOML config with one file source per entry of `files` (name -> globs)."""
     lines = [
@@ -39,7 +40,7 @@ def write_config(
         "drain_timeout_s = 20",
         "log_level = 'DEBUG'",
         "[privacy]",
-        "services = []",
+        f"services = {orjson.dumps(list(privacy_services)).decode()}",
         "[sampling]",
         # These tests count every line; sampling has tests of its own.
         f"threshold_per_min = {sampling_threshold_per_min}",

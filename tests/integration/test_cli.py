@@ -147,3 +147,36 @@ async def test_check_alerts_fires_and_alerts_lists_and_resets(
     reset = forwarder("alerts", "--config", str(config), "--reset", "api_error_burst")
     assert reset.returncode == 0 and "1 alarm(s) reset" in reset.stdout
     assert forwarder("alerts", "--config", str(config)).stdout.strip() == "no alarm is firing"
+
+
+async def test_summary_merges_into_the_oneclick_report(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    config = write_config(tmp_path / "f.toml", dsn=pg_dsn, schema=pg_schema, files={})
+    assert forwarder("migrate", "--config", str(config)).returncode == 0
+    now = datetime.now(UTC)
+    rows = [(now - timedelta(minutes=1), "api", "ERROR", "db", "x", b"\x01{}")] * 3 + [
+        (now - timedelta(minutes=2), "ui", "INFO", "click", "y", b"\x01{}")
+    ]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.set_type_codec(
+            "jsonb", schema="pg_catalog", encoder=lambda b: b, decoder=lambda b: b, format="binary"
+        )
+        await conn.copy_records_to_table(
+            "system_logs",
+            records=rows,
+            schema_name=pg_schema,
+            columns=["ts", "service", "level", "event", "message", "meta"],
+        )
+    finally:
+        await conn.close()
+    report = tmp_path / "latest_oneclick_report.json"
+    report.write_text('{"status": "ok", "checks": [1, 2]}')
+    done = forwarder("summary", "--config", str(config), "--window", "15m", "--merge", str(report))
+    assert done.returncode == 0, done.stderr
+    merged = orjson.loads(report.read_bytes())
+    assert merged["status"] == "ok" and merged["checks"] == [1, 2]
+    summary = merged["log_summary"]
+    assert summary["services"]["api"]["ERROR"] == 3
+    assert summary["services"]["ui"]["INFO"] == 1

@@ -1,0 +1,164 @@
+"""[http]: the one aiohttp server (intake, health, metrics, queries, the status page).
+
+Kept out of config.py so the HTTP face can grow without touching the core config;
+`Settings` carries it as `http: HttpConfig = Field(default_factory=HttpConfig, ...)`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+
+from forwarder.alarms.secrets import MAX_SECRET_FILE_BYTES
+from forwarder.config_types import Name, Section
+
+__all__ = ["HttpConfig", "TokenError", "parse_listen"]
+
+EnvName = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+Origin = Annotated[str, Field(min_length=1, max_length=2048)]
+
+MIN_TOKEN_CHARS = 16  # a shorter token is guessable; refused at start
+
+
+class TokenError(Exception):
+    """The tokens cannot be loaded; the message names the variable or file, never a token."""
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """ "127.0.0.1:8686", "[::1]:8686", ":8686" (all interfaces) -> (host, port)."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"{listen!r}: use host:port, e.g. 127.0.0.1:8686")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{listen!r}: port must be 0..65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)  # ValueError names the bad address
+    return host or "0.0.0.0", port
+
+
+class HttpConfig(Section):
+    """[http]: where the server listens, who may use it and how much it accepts."""
+
+    enabled: bool = Field(
+        False, description="serve HTTP (intake, /health, /metrics, queries, status page)"
+    )
+    listen: str = Field(
+        "127.0.0.1:8686",
+        description='host:port to listen on ("[::1]:8686" for IPv6, ":8686" for every '
+        "interface); port 0 picks a free one",
+    )
+    tokens_env: EnvName | None = Field(
+        "FORWARDER_HTTP_TOKENS",
+        description="environment variable holding comma-separated bearer tokens; unset or "
+        "empty: no token is required",
+    )
+    tokens_file: Path | None = Field(
+        None,
+        description="file holding comma- or newline-separated tokens; when set, used "
+        "instead of tokens_env (a missing file is an error at start)",
+    )
+    ingest_requires_token: bool = Field(
+        True,
+        description="with tokens configured, POST /logs/ingest needs one too; false lets "
+        "browsers send without one (a token in page JavaScript is public anyway: rely on "
+        "cors_origins and rate_per_min), while reads and resets still need it",
+    )
+    cors_origins: list[Origin] = Field(
+        default_factory=list,
+        description='origins allowed to call from a browser, e.g. "https://panel.example.com"; '
+        '"*" allows any',
+    )
+    max_body_bytes: int = Field(
+        262_144,
+        ge=1024,
+        le=4 * 1024 * 1024,
+        description="largest POST /logs/ingest body (after decompression); larger is 413",
+    )
+    rate_per_min: int = Field(
+        120,
+        ge=0,
+        description="POST /logs/ingest requests per minute per client IP (bursts up to "
+        "the same number); over it: 429 with Retry-After; 0 disables the limit",
+    )
+    service: Name = Field("ui", description="service written on every row from POST /logs/ingest")
+    source_name: Name = Field(
+        "http", description="source name of the intake; keys its spool checkpoint"
+    )
+    spool_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="bytes the intake spool (data_dir/spool/http-<source_name>) may hold "
+        "while the database is behind; when full, ingest answers 503 with Retry-After",
+    )
+    recent_max_limit: int = Field(
+        500, ge=1, le=10_000, description="most rows GET /logs/recent returns"
+    )
+    retry_after_s: int = Field(
+        5, ge=1, le=3600, description="Retry-After of a 503 (spool full, stopping, database down)"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and ("://" not in origin or origin.endswith("/")):
+                raise ValueError(
+                    f'{origin!r}: an origin is scheme://host[:port] with no path, or "*"'
+                )
+        return origins
+
+    @model_validator(mode="after")
+    def _bounds(self) -> HttpConfig:
+        if self.spool_max_bytes < 4 * self.max_body_bytes:
+            raise ValueError("spool_max_bytes must be at least 4 times max_body_bytes")
+        if self.tokens_file is not None and "tokens_env" in self.model_fields_set:
+            raise ValueError("set only one of tokens_env, tokens_file")
+        return self
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+    def load_tokens(self, environ: Mapping[str, str] | None = None) -> frozenset[str]:
+        """The configured tokens (empty: no token required). TokenError names the problem."""
+        if self.tokens_file is not None:
+            path = self.tokens_file
+            try:
+                with path.open("rb") as f:
+                    data = f.read(MAX_SECRET_FILE_BYTES + 1)
+            except OSError as exc:
+                raise TokenError(
+                    f"http.tokens_file: cannot read {path}: {exc.strerror or type(exc).__name__}"
+                ) from None
+            if len(data) > MAX_SECRET_FILE_BYTES:
+                raise TokenError(f"http.tokens_file: {path} is larger than {MAX_SECRET_FILE_BYTES}")
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise TokenError(f"http.tokens_file: {path} is not UTF-8 text") from None
+            where = f"http.tokens_file ({path})"
+        elif self.tokens_env is not None:
+            text = (os.environ if environ is None else environ).get(self.tokens_env, "")
+            where = f"http.tokens_env ({self.tokens_env})"
+        else:
+            return frozenset()
+        tokens = frozenset(t.strip() for t in text.replace("\n", ",").split(",") if t.strip())
+        short = [t for t in tokens if len(t) < MIN_TOKEN_CHARS]
+        if short:
+            raise TokenError(
+                f"{where}: {len(short)} token(s) shorter than {MIN_TOKEN_CHARS} characters"
+            )
+        return tokens

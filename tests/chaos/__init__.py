@@ -1,0 +1,1 @@
+"""The chaos suite: `python -m tests.chaos.run --help`."""

@@ -1,0 +1,86 @@
+"""The chaos suite (tests/chaos/run.py) at a small size: about 45 s on 2 cores.
+
+Its own embedded PostgreSQL (restarted with pg_ctl during the run), a real forwarder
+killed with SIGKILL and restarted, real logrotate in create and copytruncate modes;
+at the end every written line must be stored exactly once. The seed is fixed so a
+failure replays the same schedule; FORWARDER_CHAOS_SEED tries another one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.chaos.run import LOGROTATE
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(
+        not os.access(LOGROTATE, os.X_OK),
+        reason=f"{LOGROTATE} is missing: the chaos suite needs Debian's logrotate "
+        "(run .ci/install-chaos-tools)",
+    ),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_small_chaos_run_stores_every_line_exactly_once(tmp_path: Path) -> None:
+    seed = os.environ.get("FORWARDER_CHAOS_SEED", "20261126")
+    figures = tmp_path / "figures.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.chaos.run",
+            "--seconds",
+            "35",
+            "--writers",
+            "2",
+            "--files",
+            "2",
+            "--rate",
+            "250",
+            "--interval",
+            "1.5",
+            "--seed",
+            seed,
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(figures),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report + _post_mortem(tmp_path / "work")
+    fig = orjson.loads(figures.read_bytes())
+    assert fig["lines_written"] > 5000, report
+    assert fig["rows_stored"] == fig["lines_written"], report
+    assert (fig["lost"], fig["duplicated"], fig["garbled_rows"]) == (0, 0, 0), report
+    # Every kind of fault happened at least once (the schedule starts with one of each).
+    assert fig["kills_survived"] >= 1 and fig["graceful_restarts"] >= 1, report
+    assert fig["db_restarts_fast"] >= 1 and fig["db_restarts_immediate"] >= 1, report
+    assert fig["rotations_create"] + fig["rotations_copytruncate"] >= 2, report
+    assert fig["unexpected_exits"] == [], report
+
+
+def _post_mortem(work: Path) -> str:
+    out = []
+    for name in ("actions.log", "forwarder.stderr"):
+        path = work / name
+        if path.exists():
+            text = path.read_text(errors="replace")
+            out.append(f"\n--- {name} (last 4000 chars) ---\n{text[-4000:]}")
+    return "".join(out)
