@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench chaos clean
 
 run: $(STAMP)
 	@mkdir -p var/log
@@ -21,6 +21,10 @@ lint: $(STAMP)
 # The throughput and memory benchmark (not a test): forwarder vs raw COPY, same run.
 bench: $(STAMP)
 	$(BIN)/python -m tests.perf.file_to_pg --lines 1000000
+
+# The chaos suite at full size (CI runs a small one inside `make test`).
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos.run --minutes 3 --writers 4 --files 4
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "forwarder needs Python 3.11 or newer; this is " + sys.version.split()[0] + " (set PYTHON=python3.11)")'

@@ -160,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--merge", type=Path, metavar="FILE", help="JSON report to update")
     summary.set_defaults(handler=cmd_summary)
 
+    retention = commands.add_parser(
+        "retention",
+        help="drop log partitions older than retention_days (the daemon runs it daily)",
+        description="Drop day partitions of system_logs older than database.retention_days, "
+        "exporting each to a gzip JSON-lines file under retention.export_dir first when set; "
+        "prune dead letters and system_checks rows past their own periods. The daemon runs "
+        "this once a day at retention.hour_utc.",
+    )
+    retention.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
+    retention.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    retention.set_defaults(handler=cmd_retention)
+
     pipe = commands.add_parser(
         "pipe",
         help="forward stdin, or run CMD and forward its stdout/stderr while still printing them",
@@ -476,6 +488,26 @@ def cmd_summary(args: argparse.Namespace) -> int:
         return 0
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2, default=str).decode())
     return 0
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    from forwarder.retention import retention_command
+    from forwarder.runtime import StartupError
+
+    settings = _load(args)
+    if settings is None:
+        return EXIT_CONFIG
+    try:
+        report = _run_async(retention_command(settings, dry_run=args.dry_run))
+    except StartupError as e:
+        print(f"forwarder retention: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as e:
+        print(f"forwarder retention: cannot reach the database: {e}", file=sys.stderr)
+        return 1
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1
 
 
 def cmd_pipe(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from forwarder.alarms.config import (
 )
 from forwarder.config_types import Identifier, Name, Section
 from forwarder.http_config import HttpConfig
+from forwarder.retention_config import RetentionConfig
 
 __all__ = ["Identifier", "Name", "Section"]
 
@@ -239,6 +240,7 @@ class Settings(BaseSettings):
     probes: dict[Name, ProbeConfig] = Field(default_factory=dict)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @classmethod
     def settings_customise_sources(

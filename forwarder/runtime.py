@@ -30,6 +30,7 @@ from forwarder.intake import Intake
 from forwarder.metrics import Metrics, pipeline_status, snapshot_of
 from forwarder.pipeline.sample import Sampler
 from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream, NormalizeStage
+from forwarder.retention import RetentionJob
 from forwarder.sinks.embedded import EmbeddedServer, start_embedded
 from forwarder.sinks.postgres import PostgresSink
 from forwarder.sinks.spool import SpoolError
@@ -104,6 +105,7 @@ class Pipeline:
     event_q: asyncio.Queue[EventChunk | EndOfStream]
     alarms: Alarms
     exit_on_eof: bool = False
+    retention: RetentionJob | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def progress(self) -> tuple[int, int]:
@@ -197,6 +199,11 @@ async def _run_pipeline(
                     event_q=asyncio.Queue(maxsize=size),
                     alarms=alarms,
                     exit_on_eof=exit_on_eof,
+                    retention=(
+                        RetentionJob.for_database(database.dsn, db, settings.retention, clock)
+                        if settings.retention.enabled and not exit_on_eof
+                        else None
+                    ),
                 )
                 metrics.read_from(lambda: snapshot_of(pipeline))
                 runner = await _start_http(settings, pipeline, sink, metrics, clock, intake)
@@ -362,6 +369,8 @@ async def _supervise(pipeline: Pipeline, progress: ProgressReporter | None) -> i
             tg.create_task(normalize, name="normalize")
             tg.create_task(pipeline.sink.run(pipeline.event_q), name="sink")
             tg.create_task(pipeline.alarms.run(pipeline.sink, pipeline.stop), name="alarms")
+            if pipeline.retention is not None:
+                tg.create_task(pipeline.retention.run(pipeline.stop), name="retention")
     except asyncio.CancelledError:
         if forced:
             main.uncancel()  # the cancel was ours; let the clean-up below await normally

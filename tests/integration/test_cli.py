@@ -180,3 +180,27 @@ async def test_summary_merges_into_the_oneclick_report(
     summary = merged["log_summary"]
     assert summary["services"]["api"]["ERROR"] == 3
     assert summary["services"]["ui"]["INFO"] == 1
+
+
+async def test_retention_dry_run_reports_and_changes_nothing(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    config = write_config(tmp_path / "f.toml", dsn=pg_dsn, schema=pg_schema, files={})
+    assert forwarder("migrate", "--config", str(config)).returncode == 0
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        old = datetime.now(UTC).date() - timedelta(days=40)
+        name = f"system_logs_p{old:%Y%m%d}"
+        await conn.execute(
+            f'CREATE TABLE "{pg_schema}"."{name}" PARTITION OF "{pg_schema}".system_logs '
+            f"FOR VALUES FROM ('{old}') TO ('{old + timedelta(days=1)}')"
+        )
+        dry = forwarder("retention", "--config", str(config), "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert name in dry.stdout
+        assert await conn.fetchval("SELECT to_regclass($1)", f"{pg_schema}.{name}") is not None
+        done = forwarder("retention", "--config", str(config))
+        assert done.returncode == 0, done.stderr
+        assert await conn.fetchval("SELECT to_regclass($1)", f"{pg_schema}.{name}") is None
+    finally:
+        await conn.close()
