@@ -22,6 +22,23 @@ def forwarder(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[st
     )  # fmt: skip
 
 
+async def insert_rows(dsn: str, schema: str, rows: list[tuple]) -> None:
+    """Rows straight into system_logs (meta already in jsonb's binary form)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.set_type_codec(
+            "jsonb", schema="pg_catalog", encoder=lambda b: b, decoder=lambda b: b, format="binary"
+        )
+        await conn.copy_records_to_table(
+            "system_logs",
+            records=rows,
+            schema_name=schema,
+            columns=["ts", "service", "level", "event", "message", "meta"],
+        )
+    finally:
+        await conn.close()
+
+
 async def test_migrate_creates_the_tables_once(tmp_path: Path, pg_dsn: str, pg_schema: str) -> None:
     config = write_config(tmp_path / "f.toml", dsn=pg_dsn, schema=pg_schema, files={})
     first = forwarder("migrate", "--config", str(config))
@@ -64,19 +81,7 @@ async def test_recent_shows_the_latest_rows_filtered(
         (now - timedelta(minutes=3), "worker", "ERROR", "cycle", "boom", b"\x01{}"),
         (now - timedelta(hours=2), "api", "ERROR", "old", "too old", b"\x01{}"),
     ]
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        await conn.set_type_codec(
-            "jsonb", schema="pg_catalog", encoder=lambda b: b, decoder=lambda b: b, format="binary"
-        )
-        await conn.copy_records_to_table(
-            "system_logs",
-            records=rows,
-            schema_name=pg_schema,
-            columns=["ts", "service", "level", "event", "message", "meta"],
-        )
-    finally:
-        await conn.close()
+    await insert_rows(pg_dsn, pg_schema, rows)
     result = forwarder(
         "recent",
         "--config",
@@ -121,19 +126,7 @@ async def test_check_alerts_fires_and_alerts_lists_and_resets(
         (now - timedelta(seconds=i), "api", "ERROR", "db", f"timeout {i}", b"\x01{}")
         for i in range(6)
     ]
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        await conn.set_type_codec(
-            "jsonb", schema="pg_catalog", encoder=lambda b: b, decoder=lambda b: b, format="binary"
-        )
-        await conn.copy_records_to_table(
-            "system_logs",
-            records=rows,
-            schema_name=pg_schema,
-            columns=["ts", "service", "level", "event", "message", "meta"],
-        )
-    finally:
-        await conn.close()
+    await insert_rows(pg_dsn, pg_schema, rows)
     dry = forwarder("check-alerts", "--config", str(config), "--window", "60", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "nothing written (dry run)" in dry.stdout
@@ -158,19 +151,7 @@ async def test_summary_merges_into_the_oneclick_report(
     rows = [(now - timedelta(minutes=1), "api", "ERROR", "db", "x", b"\x01{}")] * 3 + [
         (now - timedelta(minutes=2), "ui", "INFO", "click", "y", b"\x01{}")
     ]
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        await conn.set_type_codec(
-            "jsonb", schema="pg_catalog", encoder=lambda b: b, decoder=lambda b: b, format="binary"
-        )
-        await conn.copy_records_to_table(
-            "system_logs",
-            records=rows,
-            schema_name=pg_schema,
-            columns=["ts", "service", "level", "event", "message", "meta"],
-        )
-    finally:
-        await conn.close()
+    await insert_rows(pg_dsn, pg_schema, rows)
     report = tmp_path / "latest_oneclick_report.json"
     report.write_text('{"status": "ok", "checks": [1, 2]}')
     done = forwarder("summary", "--config", str(config), "--window", "15m", "--merge", str(report))
