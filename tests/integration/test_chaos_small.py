@@ -9,8 +9,11 @@ failure replays the same schedule; FORWARDER_CHAOS_SEED tries another one.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -31,7 +34,19 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_small_chaos_run_stores_every_line_exactly_once(tmp_path: Path) -> None:
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """Outside pytest's basetemp: the embedded server runs as another user and must
+    traverse the path, and pytest keeps (and re-asserts) its own root at mode 0700."""
+    folder = Path(tempfile.mkdtemp(prefix="forwarder-chaos-"))
+    os.chmod(folder, 0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_small_chaos_run_stores_every_line_exactly_once(tmp_path: Path, workdir: Path) -> None:
     seed = os.environ.get("FORWARDER_CHAOS_SEED", "20261126")
     figures = tmp_path / "figures.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
@@ -53,7 +68,7 @@ def test_small_chaos_run_stores_every_line_exactly_once(tmp_path: Path) -> None:
             "--seed",
             seed,
             "--workdir",
-            str(tmp_path / "work"),
+            str(workdir / "work"),
             "--json",
             str(figures),
         ],
@@ -64,7 +79,7 @@ def test_small_chaos_run_stores_every_line_exactly_once(tmp_path: Path) -> None:
         timeout=170,
     )
     report = result.stdout + result.stderr
-    assert result.returncode == 0, report + _post_mortem(tmp_path / "work")
+    assert result.returncode == 0, report + _post_mortem(workdir / "work")
     fig = orjson.loads(figures.read_bytes())
     assert fig["lines_written"] > 5000, report
     assert fig["rows_stored"] == fig["lines_written"], report
