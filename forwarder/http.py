@@ -293,12 +293,15 @@ def _cors_headers(
     if not state.origins:
         return
     if allowed:
-        response.headers["Access-Control-Allow-Origin"] = (
-            "*" if "*" in state.origins else origin or ""
-        )
+        # The origin is echoed and credentials allowed: navigator.sendBeacon always sends
+        # in credentials mode, and a preflight answered with "*" or without
+        # Allow-Credentials makes the browser drop the beacon silently. Safe here: no
+        # endpoint authenticates by cookie (reads and resets take a bearer token).
+        response.headers["Access-Control-Allow-Origin"] = origin or "*"
+        if origin:
+            response.headers["Access-Control-Allow-Credentials"] = "true"
         response.headers["Access-Control-Expose-Headers"] = "Retry-After"
-    if "*" not in state.origins:
-        response.headers["Vary"] = "Origin"
+    response.headers["Vary"] = "Origin"
 
 
 def _count(state: _State, request: web.Request, response: web.StreamResponse) -> None:
