@@ -138,7 +138,14 @@
     });
   }
 
-  function niceMax(value) {
+  // As many decimals as the tick step needs (0.025 stays 0.025, not 0.03).
+function tickLabel(value, step) {
+  if (step >= 10) return value.toFixed(0);
+  const decimals = Math.min(4, Math.max(0, Math.ceil(-Math.log10(step)) + 2));
+  return Number(value.toFixed(decimals)).toString();
+}
+
+function niceMax(value) {
     if (value <= 0) return 1;
     const exp = Math.pow(10, Math.floor(Math.log10(value)));
     const f = value / exp;
@@ -182,7 +189,7 @@
       ctx.lineTo(pad.left + plotW, y);
       ctx.stroke();
       const v = (top * i) / 4;
-      ctx.fillText(v >= 10 ? v.toFixed(0) : v.toFixed(2), pad.left - 6, y);
+      ctx.fillText(tickLabel(v, top / 4), pad.left - 6, y);
     }
     if (series && series.start) {
       const start = new Date(series.start).getTime();
