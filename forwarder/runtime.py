@@ -363,9 +363,8 @@ async def _supervise(pipeline: Pipeline, progress: ProgressReporter | None) -> i
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(_run_sources(pipeline), name="sources")
-            normalize = pipeline.normalize.run(
-                pipeline.raw_q, pipeline.event_q, pipeline.alarms.events
-            )
+            alarm_events = pipeline.alarms.events if pipeline.alarms.has_rules else None
+            normalize = pipeline.normalize.run(pipeline.raw_q, pipeline.event_q, alarm_events)
             tg.create_task(normalize, name="normalize")
             tg.create_task(pipeline.sink.run(pipeline.event_q), name="sink")
             tg.create_task(pipeline.alarms.run(pipeline.sink, pipeline.stop), name="alarms")

@@ -92,6 +92,7 @@ class Alarms:
     recorder: AlertRecorder
     probes: ProbeRunner
     events: asyncio.Queue[Any]
+    has_rules: bool = True  # without rules nothing feeds the engine (and it ends at once)
     alerts: asyncio.Queue[Alert | EndOfStream] = field(
         default_factory=lambda: asyncio.Queue(maxsize=ALERT_QUEUE_SIZE)
     )
@@ -102,8 +103,11 @@ class Alarms:
     engine_probe_results: asyncio.Queue[ProbeResult] = field(default_factory=asyncio.Queue)
 
     def status(self) -> dict[str, Any]:
+        engine = self.engine.status()
+        if not self.has_rules:  # nothing to evaluate: idle, not "stopped"
+            engine = {**engine, "state": "ok", "reason": "no alarm rules configured"}
         return {
-            "engine": self.engine.status(),
+            "engine": engine,
             "notifiers": self.dispatcher.status(),
             "probes": self.probes.status(),
         }
@@ -111,6 +115,8 @@ class Alarms:
     async def run(self, sink: PostgresSink, stop: asyncio.Event) -> None:
         """Every alarm loop; returns once END_OF_STREAM has passed through all of them."""
         probes_stop = asyncio.Event()
+        if not self.has_rules:
+            self.events.put_nowait(END_OF_STREAM)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(
                 self.engine.run(
@@ -145,7 +151,8 @@ class Alarms:
                     type(e).__name__,
                     extra={"component": "alarms"},
                 )
-            self.engine_probe_results.put_nowait(result)
+            if self.has_rules:
+                self.engine_probe_results.put_nowait(result)
 
 
 @contextlib.asynccontextmanager
@@ -186,4 +193,5 @@ async def open_alarms(
             recorder=AlertRecorder(sink.pool, sink.names),
             probes=ProbeRunner(probes, clock),
             events=events,
+            has_rules=bool(settings.alarms),
         )
