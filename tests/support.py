@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 
 class FakeClock:
@@ -46,3 +47,24 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+class RunningSource:
+    """A source started on an unbounded queue, and every chunk it has emitted so far."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.stop = asyncio.Event()
+        self.chunks: list[Any] = []
+        self.task = asyncio.create_task(source.run(self.queue, self.stop))
+
+    def drain(self) -> list[Any]:
+        while not self.queue.empty():
+            self.chunks.append(self.queue.get_nowait())
+        return self.chunks
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 5)
+        self.drain()

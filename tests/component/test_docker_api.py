@@ -25,7 +25,7 @@ from forwarder.event import Position, RawChunk
 from forwarder.sources.docker import NOT_IN_A_CONTAINER, OwnContainer, build_docker_source
 from forwarder.sources.docker_api import DockerApiSource
 from tests.docker_engine import BASE_TS_NS, NS, FakeEngine
-from tests.support import wait_until
+from tests.support import RunningSource, wait_until
 
 
 @pytest.fixture
@@ -53,20 +53,8 @@ def make_config(engine: FakeEngine, **overrides: Any) -> DockerSourceConfig:
     return DockerSourceConfig(**fields)
 
 
-class Follow:
+class Follow(RunningSource):
     """A running api-mode source and everything it has emitted so far."""
-
-    def __init__(self, source: DockerApiSource) -> None:
-        self.source = source
-        self.queue: asyncio.Queue[RawChunk] = asyncio.Queue()
-        self.stop = asyncio.Event()
-        self.chunks: list[RawChunk] = []
-        self.task = asyncio.create_task(source.run(self.queue, self.stop))
-
-    def drain(self) -> list[RawChunk]:
-        while not self.queue.empty():
-            self.chunks.append(self.queue.get_nowait())
-        return self.chunks
 
     def chunks_of(self, cid: str) -> list[RawChunk]:
         return [c for c in self.drain() if c.position is not None and c.position.stream == cid]
@@ -101,11 +89,6 @@ class Follow:
 
     async def wait_state(self, state: str) -> None:
         await wait_until(lambda: self.source.status()["state"] == state, what=f"state {state}")
-
-    async def close(self) -> None:
-        self.stop.set()
-        await asyncio.wait_for(self.task, 5)
-        self.drain()
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from forwarder.sources.docker import (
     file_config,
 )
 from tests.docker_engine import compose_labels, config_v2
-from tests.support import wait_until
+from tests.support import RunningSource, wait_until
 
 PARTIAL_BYTES = 16 * 1024
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -138,20 +138,8 @@ def make_config(root: Path, **overrides: Any) -> DockerSourceConfig:
     return DockerSourceConfig(**fields)
 
 
-class Tail:
+class Tail(RunningSource):
     """A running files-mode source and everything it has emitted."""
-
-    def __init__(self, source: Any) -> None:
-        self.source = source
-        self.queue: asyncio.Queue[RawChunk] = asyncio.Queue()
-        self.stop = asyncio.Event()
-        self.chunks: list[RawChunk] = []
-        self.task = asyncio.create_task(source.run(self.queue, self.stop))
-
-    def drain(self) -> list[RawChunk]:
-        while not self.queue.empty():
-            self.chunks.append(self.queue.get_nowait())
-        return self.chunks
 
     def chunks_of(self, cid: str) -> list[RawChunk]:
         return [c for c in self.drain() if (c.meta or {}).get("container_id") == cid]
@@ -171,11 +159,6 @@ class Tail:
     async def wait_lines(self, cid: str, n: int) -> list[bytes]:
         await wait_until(lambda: len(self.lines(cid)) >= n, what=f"{n} lines of {cid[:12]}")
         return self.lines(cid)
-
-    async def close(self) -> None:
-        self.stop.set()
-        await asyncio.wait_for(self.task, 5)
-        self.drain()
 
 
 def tracks(t: Tail, path: Path) -> bool:

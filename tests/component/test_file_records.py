@@ -22,7 +22,7 @@ from forwarder.sources import file as file_module
 from forwarder.sources.file import FileSource
 from tests.fixtures.container_logs import Clocked, cri_lines, docker_entry, docker_file
 from tests.fixtures.python_output import CASES, generate
-from tests.support import FakeClock, wait_until
+from tests.support import FakeClock, RunningSource, wait_until
 
 BIG = "".join(chr(ord("a") + i % 26) for i in range(40_000))  # split by dockerd in 3
 
@@ -64,20 +64,8 @@ def container_output(cases: tuple[str, ...] = CASES) -> tuple[list[tuple[str, st
     return printed, records
 
 
-class Run:
+class Run(RunningSource):
     """A running FileSource and everything it emitted so far."""
-
-    def __init__(self, source: FileSource) -> None:
-        self.source = source
-        self.queue: asyncio.Queue[RawChunk] = asyncio.Queue()
-        self.stop = asyncio.Event()
-        self.chunks: list[RawChunk] = []
-        self.task = asyncio.create_task(source.run(self.queue, self.stop))
-
-    def drain(self) -> list[RawChunk]:
-        while not self.queue.empty():
-            self.chunks.append(self.queue.get_nowait())
-        return self.chunks
 
     @property
     def records(self) -> list[bytes]:
@@ -89,10 +77,6 @@ class Run:
 
     async def wait_read(self, size: int) -> None:
         await wait_until(lambda: self.source.bytes_read >= size, what=f"{size} bytes read")
-
-    async def close(self) -> None:
-        self.stop.set()
-        await asyncio.wait_for(self.task, 5)
 
 
 @pytest.fixture
