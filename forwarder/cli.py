@@ -35,6 +35,8 @@ RUN_EPILOG = """\
 The daemon creates or upgrades its tables at start, then tails every [[sources]]
 entry and writes each line as one row. SIGTERM or SIGINT drains: sources stop, the
 last batch commits, exit 0; a second signal, or daemon.drain_timeout_s, forces exit 1.
+SIGHUP reads the config again: [sampling] and the [[alarms]] rules change in place; an
+invalid file is refused and logged, and the running configuration stays.
 With --exit-on-eof every file is read to its end once (a backfill), then the daemon
 exits 0; on a terminal it shows bytes done / total and lines per second.
 
@@ -258,6 +260,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 settings,
                 exit_on_eof=args.exit_on_eof,
                 progress=_progress_bar if show_progress else None,
+                reload=lambda: load_config(args.config),
             )
         )
     except StartupError as e:

@@ -20,9 +20,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
+from forwarder.alarms.rules import RuleSet
 from forwarder.alarms.wiring import Alarms, AlarmSetupError, build_privacy, open_alarms
 from forwarder.clock import Clock, SystemClock
-from forwarder.config import DSN_ENV, EMBEDDED_DSN, DatabaseConfig, DockerSourceConfig, Settings
+from forwarder.config import (
+    DSN_ENV,
+    EMBEDDED_DSN,
+    ConfigError,
+    DatabaseConfig,
+    DockerSourceConfig,
+    Settings,
+)
 from forwarder.event import EventChunk, RawChunk
 from forwarder.http import EngineAlarmControl, HttpContext, build_app, start_http, stop_http
 from forwarder.http_config import TokenError
@@ -128,12 +136,18 @@ async def run(
     clock: Clock | None = None,
     on_started: Callable[[Pipeline], None] | None = None,
     progress: ProgressReporter | None = None,
+    reload: Callable[[], Settings] | None = None,
 ) -> int:
-    """Run the daemon until a signal (or, with exit_on_eof, until every file is read)."""
+    """Run the daemon until a signal (or, with exit_on_eof, until every file is read).
+
+    `reload` re-reads the configuration on SIGHUP (it raises ConfigError when invalid).
+    """
     clock = clock or SystemClock()
     database = await open_database(settings.database)
     try:
-        return await _run_pipeline(settings, database, exit_on_eof, clock, on_started, progress)
+        return await _run_pipeline(
+            settings, database, exit_on_eof, clock, on_started, progress, reload
+        )
     finally:
         database.close()
 
@@ -145,6 +159,7 @@ async def _run_pipeline(
     clock: Clock,
     on_started: Callable[[Pipeline], None] | None,
     progress: ProgressReporter | None,
+    reload: Callable[[], Settings] | None = None,
 ) -> int:
     db = settings.database
     try:
@@ -211,7 +226,7 @@ async def _run_pipeline(
                 if on_started is not None:
                     on_started(pipeline)
                 try:
-                    return await _supervise(pipeline, progress)
+                    return await _supervise(pipeline, progress, reload)
                 finally:
                     if runner is not None:
                         await stop_http(runner)
@@ -324,7 +339,63 @@ def _log_startup(settings: Settings, database: Database) -> None:
         )
 
 
-async def _supervise(pipeline: Pipeline, progress: ProgressReporter | None) -> int:
+# Sections a SIGHUP applies to the running daemon; a change anywhere else is logged as
+# needing a restart (the running configuration keeps them).
+RELOADABLE = ("sampling", "alarms")
+
+
+def reload_config(pipeline: Pipeline, load: Callable[[], Settings]) -> None:
+    """SIGHUP: read the configuration again; apply what can change while running.
+
+    An invalid file is refused and logged; the running configuration stays whole.
+    Sampling is swapped at once; alarm rules are replaced keeping what is firing
+    (their counting windows start empty).
+    """
+    try:
+        new = load()
+    except ConfigError as e:
+        log.error(
+            "SIGHUP: the new configuration is refused, the running one stays: %s",
+            "; ".join(e.problems),
+            extra={"component": "runtime", "event": "reload.refused"},
+        )
+        return
+    old = pipeline.settings
+    applied: list[str] = []
+    restart = [
+        name
+        for name in Settings.model_fields
+        if name not in RELOADABLE and getattr(new, name) != getattr(old, name)
+    ]
+    if new.sampling != old.sampling:
+        pipeline.normalize.sampler = _sampler(new, pipeline.exit_on_eof)
+        applied.append("sampling")
+    if new.alarms != old.alarms:
+        if pipeline.alarms.has_rules and new.alarms:
+            pipeline.alarms.engine.replace_rules(RuleSet.from_config(new.alarms))
+            applied.append("alarms")
+        else:  # the alarm engine starts (or stops) listening only at start
+            restart.append("alarms")
+    kept = {name: getattr(new, name) for name in applied}
+    pipeline.settings = old.model_copy(update=kept)
+    log.info(
+        "SIGHUP: configuration reloaded; applied: %s; unchanged until a restart: %s",
+        ", ".join(applied) or "nothing",
+        ", ".join(restart) or "nothing",
+        extra={
+            "component": "runtime",
+            "event": "reload.done",
+            "applied": applied,
+            "restart_needed": restart,
+        },
+    )
+
+
+async def _supervise(
+    pipeline: Pipeline,
+    progress: ProgressReporter | None,
+    reload: Callable[[], Settings] | None = None,
+) -> int:
     """One TaskGroup for every loop; signals turn into stop (first) and force (second)."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -359,6 +430,8 @@ async def _supervise(pipeline: Pipeline, progress: ProgressReporter | None) -> i
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload_config, pipeline, reload)
     reporter = asyncio.create_task(progress(pipeline)) if progress is not None else None
     try:
         async with asyncio.TaskGroup() as tg:
@@ -376,7 +449,7 @@ async def _supervise(pipeline: Pipeline, progress: ProgressReporter | None) -> i
             return EXIT_FORCED
         raise
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         if deadline is not None:
             deadline.cancel()

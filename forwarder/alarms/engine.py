@@ -86,6 +86,20 @@ class AlarmEngine:
 
     # -- operator actions --
 
+    def replace_rules(self, rules: RuleSet) -> None:
+        """Evaluate with `rules` from now on, keeping what is firing (a config reload).
+
+        Counting windows start empty; every (rule, group) that fires and still exists
+        in the new rules carries on without a second firing notice.
+        """
+        wall = self.clock.now()
+        rows = [
+            FiringRow(f.rule, f.group, f.count, f.samples, f.started_at, wall, f.severity)
+            for f in self.rules.firing()
+        ]
+        rules.restore(rows, self.clock.monotonic())
+        self.rules = rules
+
     def restore(self, rows: Iterable[FiringRow]) -> list[FiringRow]:
         """Rebuild firing state from system_checks rows (`state.load_firing`) at start.
 
@@ -131,7 +145,6 @@ class AlarmEngine:
         """
         self._outs = (alerts_out,) if records_out is None else (alerts_out, records_out)
         clock = self.clock
-        rules = self.rules
         tick_s = self.tick_s
         next_tick = clock.monotonic() + tick_s
         self._state = "ok"
@@ -146,6 +159,7 @@ class AlarmEngine:
                 else:
                     item = events_in.get_nowait()
                 now = clock.monotonic()
+                rules = self.rules  # read per round: a reload (SIGHUP) may replace it
                 if item is not None:
                     wall = clock.now()
                     taken = 0

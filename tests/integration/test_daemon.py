@@ -504,3 +504,62 @@ async def test_backfill_shows_progress_on_a_terminal(
     size_mb = (logs / "a.log").stat().st_size / 1e6
     assert f"{size_mb:,.1f} / {size_mb:,.1f} MB (100.0%)" in text, text[-2000:]
     assert "20,000 rows" in text and "lines/s" in text
+
+
+RELOAD_ALARM = """
+[[alarms]]
+name = "api_error_burst"
+type = "threshold"
+match = {{ service = "api", level = "ERROR" }}
+threshold = {threshold}
+window_s = 60
+"""
+
+
+async def test_sighup_applies_sampling_and_alarms_and_refuses_a_broken_file(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    import os
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = tmp_path / "f.toml"
+
+    def configure(threshold: int, max_rows: int, sampling: int) -> None:
+        write_config(config, dsn=pg_dsn, schema=pg_schema, files={"a": [str(logs / "a.log")]},
+                     max_rows=max_rows, extra=RELOAD_ALARM.format(threshold=threshold),
+                     sampling_threshold_per_min=sampling)  # fmt: skip
+
+    configure(threshold=5, max_rows=500, sampling=1_000_000_000)
+    daemon = await Daemon(config).start()
+    seq = 0
+
+    def append(n: int) -> None:
+        nonlocal seq
+        with (logs / "a.log").open("ab") as f:
+            f.write(b"".join(schema_line(seq + i) for i in range(n)))
+        seq += n
+
+    try:
+        append(100)
+        await wait_until(lambda: _count_is(pg_dsn, pg_schema, 100), what="rows before reload")
+        config.write_text("[batch]\nmax_rows = 'many'\n")  # broken: refused, nothing changes
+        os.kill(daemon.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+        await wait_until(lambda: '"reload.refused"' in daemon.stderr(), what="the refusal")
+        assert "batch.max_rows" in daemon.stderr()
+        append(100)
+        await wait_until(lambda: _count_is(pg_dsn, pg_schema, 200), what="rows after refusal")
+        # sampling and alarms apply in place; batch needs a restart
+        configure(threshold=7, max_rows=400, sampling=2_000_000_000)
+        os.kill(daemon.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+        await wait_until(lambda: '"reload.done"' in daemon.stderr(), what="the reload")
+        done = next(orjson.loads(line) for line in daemon.stderr().splitlines()
+                    if '"reload.done"' in line)  # fmt: skip
+        assert done["meta"]["applied"] == ["sampling", "alarms"]
+        assert done["meta"]["restart_needed"] == ["batch"]
+        append(100)
+        await wait_until(lambda: _count_is(pg_dsn, pg_schema, 300), what="rows after reload")
+    finally:
+        code = await daemon.stop()
+    assert code == 0, daemon.stderr()
+    await assert_each_seq_once(pg_dsn, pg_schema, seq)
