@@ -61,7 +61,7 @@ from typing import Any, Final
 from forwarder.clock import Clock, SystemClock
 from forwarder.config import EMBEDDED_DSN, MultilineConfig, Settings
 from forwarder.event import EventChunk, RawChunk
-from forwarder.logs import JsonLogFormatter
+from forwarder.logs import daemon_formatter
 from forwarder.pipeline.multiline import Grouper, build_grouper
 from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream, NormalizeStage
 from forwarder.runtime import Database, open_database
@@ -270,7 +270,7 @@ class _GateHandler(logging.Handler):
 def install_logging(gate: LineGate, configured_level: str = "INFO") -> None:
     """Route this process's logs to `gate` as JSON lines: warnings and errors only."""
     handler = _GateHandler(gate)
-    handler.setFormatter(JsonLogFormatter())
+    handler.setFormatter(daemon_formatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel("ERROR" if configured_level == "ERROR" else "WARNING")

@@ -32,6 +32,19 @@ def schema_line(seq: int, service: str = "api") -> bytes:
     )
 
 
+class SeqLog:
+    """A log file that gets schema lines with consecutive sequence numbers appended."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.written = 0  # lines appended so far; the next line's sequence number
+
+    def append(self, n: int) -> None:
+        with self.path.open("ab") as f:
+            f.write(b"".join(schema_line(self.written + i) for i in range(n)))
+        self.written += n
+
+
 async def assert_each_seq_once(dsn: str, schema: str, expected: int) -> None:
     conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
     try:
@@ -226,38 +239,32 @@ async def test_rotation_under_a_running_daemon(tmp_path: Path, pg_dsn: str, pg_s
     )
     live = logs / "app.log"
     daemon = await Daemon(config).start()
-    seq = 0
-
-    def append(n: int) -> None:
-        nonlocal seq
-        with live.open("ab") as f:
-            f.write(b"".join(schema_line(seq + i) for i in range(n)))
-        seq += n
+    log = SeqLog(live)
 
     try:
         for round_ in range(4):
-            append(1000)
+            log.append(1000)
             # The daemon follows this file before it is rotated (a file renamed away
             # before the forwarder ever saw it cannot be known).
-            await wait_until(lambda s=seq: _count_is(pg_dsn, pg_schema, s), what="live rows")
-            append(1000)  # most likely still unread when the rename happens
+            await wait_until(lambda: _count_is(pg_dsn, pg_schema, log.written), what="live rows")
+            log.append(1000)  # most likely still unread when the rename happens
             live.rename(logs / f"app.log.{round_}")  # rename + create
-            append(500)
-            await wait_until(lambda s=seq: _count_is(pg_dsn, pg_schema, s), what="renamed rows")
+            log.append(500)
+            await wait_until(lambda: _count_is(pg_dsn, pg_schema, log.written), what="renamed rows")
             if round_ == 1:
                 await daemon.kill9()
                 daemon = await Daemon(config).start()
-        append(1000)
-        await wait_until(lambda s=seq: _count_is(pg_dsn, pg_schema, s), what="before truncate")
+        log.append(1000)
+        await wait_until(lambda: _count_is(pg_dsn, pg_schema, log.written), what="before truncate")
         (logs / "app.log.copy").write_bytes(live.read_bytes())  # copytruncate
         with live.open("r+b") as f:
             f.truncate(0)
-        append(300)
-        await wait_until(lambda s=seq: _count_is(pg_dsn, pg_schema, s), what="after truncate")
+        log.append(300)
+        await wait_until(lambda: _count_is(pg_dsn, pg_schema, log.written), what="after truncate")
     finally:
         code = await daemon.stop()
     assert code == 0, daemon.stderr()
-    await assert_each_seq_once(pg_dsn, pg_schema, seq)
+    await assert_each_seq_once(pg_dsn, pg_schema, log.written)
 
 
 async def test_empty_dsn_refuses_to_start_and_names_the_variable(tmp_path: Path) -> None:
@@ -377,28 +384,22 @@ async def test_database_outage_pauses_reading_and_loses_nothing(
         max_delay_s=0.01,
     )
     daemon = await Daemon(config).start()
-    seq = 0
-
-    def append(n: int) -> None:
-        nonlocal seq
-        with (logs / "a.log").open("ab") as f:
-            f.write(b"".join(schema_line(seq + i) for i in range(n)))
-        seq += n
+    log = SeqLog(logs / "a.log")
 
     try:
-        append(3000)
+        log.append(3000)
         await wait_until(lambda: _count_is(pg_dsn, pg_schema, 3000), what="rows before outage")
         for _ in range(2):
             await proxy.down()
-            append(4000)  # written while the database is unreachable
+            log.append(4000)  # written while the database is unreachable
             await wait_until(
                 lambda: "degraded" in daemon.stderr() or "retry" in daemon.stderr(),
                 what="the daemon noticing the outage",
             )
-            assert await count_rows(pg_dsn, pg_schema) < seq
+            assert await count_rows(pg_dsn, pg_schema) < log.written
             await proxy.up()
             await wait_until(
-                lambda s=seq: _count_is(pg_dsn, pg_schema, s),
+                lambda: _count_is(pg_dsn, pg_schema, log.written),
                 timeout_s=60,
                 what="rows after the outage",
             )
@@ -406,7 +407,7 @@ async def test_database_outage_pauses_reading_and_loses_nothing(
         code = await daemon.stop()
         await proxy.down()
     assert code == 0, daemon.stderr()
-    await assert_each_seq_once(pg_dsn, pg_schema, seq)
+    await assert_each_seq_once(pg_dsn, pg_schema, log.written)
 
 
 HOSTILE_LINES = [
@@ -532,22 +533,16 @@ async def test_sighup_applies_sampling_and_alarms_and_refuses_a_broken_file(
 
     configure(threshold=5, max_rows=500, sampling=1_000_000_000)
     daemon = await Daemon(config).start()
-    seq = 0
-
-    def append(n: int) -> None:
-        nonlocal seq
-        with (logs / "a.log").open("ab") as f:
-            f.write(b"".join(schema_line(seq + i) for i in range(n)))
-        seq += n
+    log = SeqLog(logs / "a.log")
 
     try:
-        append(100)
+        log.append(100)
         await wait_until(lambda: _count_is(pg_dsn, pg_schema, 100), what="rows before reload")
         config.write_text("[batch]\nmax_rows = 'many'\n")  # broken: refused, nothing changes
         os.kill(daemon.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
         await wait_until(lambda: '"reload.refused"' in daemon.stderr(), what="the refusal")
         assert "batch.max_rows" in daemon.stderr()
-        append(100)
+        log.append(100)
         await wait_until(lambda: _count_is(pg_dsn, pg_schema, 200), what="rows after refusal")
         # sampling and alarms apply in place; batch needs a restart
         configure(threshold=7, max_rows=400, sampling=2_000_000_000)
@@ -557,9 +552,9 @@ async def test_sighup_applies_sampling_and_alarms_and_refuses_a_broken_file(
                     if '"reload.done"' in line)  # fmt: skip
         assert done["meta"]["applied"] == ["sampling", "alarms"]
         assert done["meta"]["restart_needed"] == ["batch"]
-        append(100)
+        log.append(100)
         await wait_until(lambda: _count_is(pg_dsn, pg_schema, 300), what="rows after reload")
     finally:
         code = await daemon.stop()
     assert code == 0, daemon.stderr()
-    await assert_each_seq_once(pg_dsn, pg_schema, seq)
+    await assert_each_seq_once(pg_dsn, pg_schema, log.written)
