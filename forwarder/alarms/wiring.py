@@ -162,8 +162,7 @@ async def open_alarms(
     """Build the alarm side; the notifiers' HTTP session lives as long as the context."""
     rules = RuleSet.from_config(settings.alarms)
     engine = AlarmEngine(rules, clock)
-    async with sink.pool.acquire() as conn:
-        restored = await load_firing(conn, sink.names)
+    restored = await sink.with_retry("load alarm state", lambda c: load_firing(c, sink.names))
     for row in engine.restore(restored):
         log.info(
             "alarm %s is no longer configured; its firing state was not restored",
@@ -182,9 +181,7 @@ async def open_alarms(
         )
         try:
             probes = build_probes(settings.probes, session, clock)
-            notifiers = await stack.enter_async_context(
-                open_notifiers(settings.notifiers, session)
-            )
+            notifiers = await stack.enter_async_context(open_notifiers(settings.notifiers, session))
         except SecretError as e:
             raise AlarmSetupError(str(e)) from None
         yield Alarms(

@@ -468,7 +468,7 @@ class PostgresSink:
         self._state = "stopped"
 
     async def migrate(self, today: date) -> list[str]:
-        return await self._with_retry("migrate", lambda conn: schema.migrate(conn, self._db, today))
+        return await self.with_retry("migrate", lambda conn: schema.migrate(conn, self._db, today))
 
     async def load_checkpoints(self, source: str) -> dict[str, Position]:
         """stream -> the committed Position of every stream of `source`."""
@@ -481,7 +481,7 @@ class PostgresSink:
                 for r in rows
             }
 
-        return await self._with_retry("load checkpoints", load)
+        return await self.with_retry("load checkpoints", load)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -823,7 +823,12 @@ class PostgresSink:
             )
         await asyncio.sleep(delay)
 
-    async def _with_retry(self, what: str, fn: Callable[[asyncpg.Connection], Any]) -> Any:
+    async def with_retry(self, what: str, fn: Callable[[asyncpg.Connection], Any]) -> Any:
+        """`fn(conn)` on a pooled connection; transient errors are retried with backoff.
+
+        For the daemon's other start-up reads of the same database (alarm state), so a
+        connection lost at that moment is retried like the sink's own statements.
+        """
         backoff: Backoff | None = None
         while True:
             pool = self._require_pool()
