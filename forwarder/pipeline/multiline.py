@@ -14,7 +14,10 @@ Modes (`MultilineConfig.mode`):
   separators with the blank lines around them and the ``Traceback`` after them, up to
   the ``ExcType: message`` line; the lines right after that line continue it while
   they do not look like the start of another record (a several-line exception
-  message). Lines that all carry a prefix (a timestamp and a level, ``api-1  | ``)
+  message). A frame line (``  File "...``) outside a traceback is the rest of one
+  whose start is elsewhere (cut by a line of the other stream, a rotation): it starts
+  a record that goes on as that traceback's frames, and it is never the message line
+  a traceback joins. Lines that all carry a prefix (a timestamp and a level, ``api-1  | ``)
   are matched without it: the prefix is what precedes ``Traceback`` on its line,
   and the grouped record keeps it once, on its first line. A JSON object line is a
   complete record and is never held for a traceback (a JSON formatter puts
@@ -229,10 +232,10 @@ class PythonGrouper(_Base):
             return Records(starts=None)
         self._last = now
         held = self._held
-        if (held is None or held.state == _CANDIDATE) and TRACEBACK_HEADER not in b"\n".join(
-            payloads
-        ):
-            return self._no_traceback(records, n)
+        if held is None or held.state == _CANDIDATE:
+            joined = b"\n".join(payloads)
+            if TRACEBACK_HEADER not in joined and _FRAME not in joined:
+                return self._no_traceback(records, n)
         out = Records(starts=None)
         metas, times, starts = records.metas, records.times, records.starts
         cut_lines = set(records.truncated) if records.truncated else ()
@@ -243,8 +246,11 @@ class PythonGrouper(_Base):
         return out
 
     def _no_traceback(self, records: Records, n: int) -> Records:
-        """No "Traceback" in the batch and none in progress: release all but the last
-        line, which a traceback in the next batch may still join."""
+        """No "Traceback" or frame line in the batch and no traceback in progress: what
+        `_line` does line by line (each line releases the one held before it), at once:
+        release all but the last line, which a traceback in the next batch may still
+        join. A frame line goes through `_line` (it starts a record of orphan frames),
+        so the records do not depend on where the batches end."""
         held = self._held
         last = n - 1
         line = records.payloads[last]
@@ -476,8 +482,9 @@ def _header(line: bytes) -> tuple[bytes, bool] | None:
 
 def _holdable(line: bytes) -> bool:
     """Whether a traceback may follow this line as its message line: not a blank line,
-    not a JSON object (a JSON formatter puts the traceback inside it)."""
-    if not line:
+    not a JSON object (a JSON formatter puts the traceback inside it), not a frame line
+    (the rest of an earlier traceback)."""
+    if not line or line.startswith(_FRAME):
         return False
     return not (line[:1] == b"{" and line.rstrip()[-1:] == b"}")
 

@@ -127,6 +127,32 @@ def test_traceback_after_a_line_of_another_stream_stands_alone() -> None:
     assert len(got) == 2
 
 
+@pytest.mark.parametrize("batch", [1, 2, 1_000_000])
+def test_the_rest_of_a_traceback_cut_before_its_frames_stays_one_record(batch: int) -> None:
+    """A file that starts inside a traceback (a rotation cut it): from its first frame
+    line to the exception line one record, however the lines are batched."""
+    out = generate("logger_exception")
+    lines, _ = split(out.log)
+    at = next(i for i, line in enumerate(lines) if line.startswith(b"  File"))
+    rest = lines[at:-1]  # up to the exception line
+    got = texts(group(python_grouper(), [*rest, *lines], batch))
+    assert got == [b"\n".join(rest).decode(), *out.records]
+
+
+@pytest.mark.parametrize("prefix", [b"", COMPOSE.encode()])
+@pytest.mark.parametrize("batch", [1, 2, 1_000_000])
+def test_a_frame_line_is_never_the_message_line_of_a_traceback(batch: int, prefix: bytes) -> None:
+    """A frame line right before a "Traceback" line is what is left of an earlier
+    traceback: the traceback stands alone."""
+    tb, _ = split(generate("uncaught").log)
+    tb = tb[1:]  # without the JSON line
+    frame = next(line for line in tb if line.startswith(b"  File"))
+    lines = [prefix + line for line in [frame, *tb]]
+    got = texts(group(python_grouper(), lines, batch))
+    bare = b"\n".join(tb).decode()
+    assert got == [lines[0].decode(), strip_prefix_after_first_line(bare, prefix.decode())]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_traceback_facts_are_those_of_the_last_exception(case: str) -> None:
     out = generate(case)

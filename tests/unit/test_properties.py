@@ -271,35 +271,33 @@ def _python_records(
     ]
 
 
-_ORPHAN_FRAME = b'  File "'
-
-
 @settings(max_examples=300, deadline=None)
 @given(case=_grouper_input(prefixed=False) | _grouper_input(prefixed=True))
 def test_grouping_does_not_depend_on_the_batching(case: dict[str, Any]) -> None:
-    """The same lines fed in other batches give the same records (no timeouts here).
-
-    Frame lines ('  File "...') are left out: one that ends a batch is held differently
-    (see the xfail test below)."""
-    keep = [j for j, line in enumerate(case["lines"]) if _ORPHAN_FRAME not in line]
-    lines = [case["lines"][j] for j in keep]
-    metas = None if case["metas"] is None else [case["metas"][j] for j in keep]
+    """The same lines fed in other batches give the same records (no timeouts here)."""
+    lines, metas = case["lines"], case["metas"]
     bounds = (case["max_lines"], case["max_bytes"])
     whole = _python_records(lines, metas, [], *bounds)
     assert _python_records(lines, metas, case["sizes"], *bounds) == whole
     assert _python_records(lines, metas, [1], *bounds) == whole
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by test_grouping_does_not_depend_on_the_batching: a frame line that "
-    "ends a batch without a traceback in it is held as a possible message line "
-    "(_no_traceback), so a 'Traceback' line in the next batch joins it; in one batch "
-    "the frame is held as orphan frames and the 'Traceback' starts its own record",
-)
-def test_an_orphan_frame_groups_the_same_whatever_the_batching() -> None:
-    lines = [b'  File "/app/x.py", line 12, in handler', b"Traceback (most recent call last):"]
-    assert _python_records(lines, None, [1]) == _python_records(lines, None, [])
+_FRAME_LINE = b'  File "/app/x.py", line 12, in handler'
+
+
+@pytest.mark.parametrize("sizes", [[], [1], [2], [1, 3]])
+def test_an_orphan_frame_groups_the_same_whatever_the_batching(sizes: list[int]) -> None:
+    """Found by the test above: a frame line that ended a batch without a "Traceback"
+    in it was held as a message line, which the next batch's "Traceback" joined. A
+    frame line is the rest of an earlier traceback, never a message line."""
+    lines = [_FRAME_LINE, b"Traceback (most recent call last):"]
+    assert _python_records(lines, None, sizes) == [(line, None, False) for line in lines]
+    # A batch without a "Traceback" groups orphan frames as one with one.
+    lines = [_FRAME_LINE, b"    raise ValueError(msg)", b"ValueError: bad", b"INFO next"]
+    assert [r[0] for r in _python_records(lines, None, sizes)] == [
+        b"\n".join(lines[:3]),
+        b"INFO next",
+    ]
 
 
 # --- framing decoders -----------------------------------------------------------------------
