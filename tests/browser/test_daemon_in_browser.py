@@ -35,7 +35,7 @@ from aiohttp import web
 from tests.browser.test_ui_logger import CHROMIUM, CHROMIUM_FLAGS, chromium
 from tests.integration.daemon import Daemon, write_config
 from tests.integration.test_http_daemon import free_port
-from tests.support import wait_until
+from tests.support import serving, wait_until
 
 PRIVACY_KEY = "a-privacy-key-for-the-browser-test-0123"
 
@@ -202,15 +202,8 @@ async def serving_panel(panel: Panel) -> AsyncIterator[str]:
     app.router.add_get("/bye", bye)
     app.router.add_post("/report", report)
     app.router.add_get("/favicon.ico", no_content)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base:
+        yield base
 
 
 async def preflight_allows_credentials(daemon: str, origin: str) -> bool:

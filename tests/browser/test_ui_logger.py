@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from forwarder.producers import ui_logger_js
+from tests.support import serving as serve_app
 from tests.support import wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -110,15 +111,8 @@ def make_app(recorder: Recorder) -> web.Application:
 
 @contextlib.asynccontextmanager
 async def serving(recorder: Recorder) -> AsyncIterator[str]:
-    runner = web.AppRunner(make_app(recorder))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(make_app(recorder)) as base:
+        yield base
 
 
 @contextlib.asynccontextmanager

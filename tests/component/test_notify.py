@@ -37,6 +37,7 @@ from forwarder.alarms.rules import Alert
 from forwarder.alarms.secrets import SecretError
 from forwarder.clock import SystemClock
 from forwarder.pipeline.stage import END_OF_STREAM
+from tests.component.receiver import Receiver
 from tests.support import wait_until
 
 STARTED = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
@@ -71,79 +72,6 @@ def notifier_configs(raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Fast retries for tests: the policy comes from the config, as in production."""
     defaults = {"timeout_s": 2.0, "retries": 2, "backoff_s": 0.01}
     return {name: NOTIFIER_CONFIG.validate_python({**defaults, **cfg}) for name, cfg in raw.items()}
-
-
-# --- an HTTP receiver standing in for Slack, PagerDuty, webhooks and the API ----------------------
-
-
-@dataclass
-class Received:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass
-class Receiver:
-    base: str = ""
-    requests: list[Received] = field(default_factory=list)
-    # path -> statuses answered in turn (the last one repeats); default 200
-    statuses: dict[str, list[int]] = field(default_factory=dict)
-    hang: set[str] = field(default_factory=set)  # paths that never answer
-    released: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def url(self, path: str) -> str:
-        return self.base + path
-
-    def at(self, path: str) -> list[Received]:
-        return [r for r in self.requests if r.path == path]
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.requests.append(
-            Received(
-                request.method,
-                request.path,
-                dict(request.query),
-                dict(request.headers),
-                await request.read(),
-            )
-        )
-        if request.path in self.hang:
-            await self.released.wait()
-        plan = self.statuses.get(request.path)
-        status = (plan.pop(0) if len(plan) > 1 else plan[0]) if plan else 200
-        if status == 429:
-            return web.Response(status=429, text="slow down", headers={"Retry-After": "0"})
-        return web.Response(status=status, text="ok" if status < 300 else f"error {status}")
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", rec.handle)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rec.base = f"http://127.0.0.1:{port}"
-    try:
-        yield rec
-    finally:
-        rec.released.set()
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 class Running:

@@ -28,7 +28,7 @@ from forwarder.alarms.probes import (
 )
 from forwarder.alarms.secrets import SecretError
 from forwarder.clock import SystemClock
-from tests.support import FakeClock, wait_until
+from tests.support import FakeClock, serving, wait_until
 
 PROBE_CONFIG = TypeAdapter(ProbeConfig)
 
@@ -195,15 +195,8 @@ async def health_server() -> AsyncIterator[tuple[Health, str]]:
     health = Health([200, 503])
     app = web.Application()
     app.router.add_get("/system/checks/latest", health.handle)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield health, f"http://127.0.0.1:{port}/system/checks/latest"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base:
+        yield health, f"{base}/system/checks/latest"
 
 
 async def test_runner_reports_200_then_503_from_an_http_endpoint(
