@@ -70,6 +70,7 @@ __all__ = [
     "EmailNotifier",
     "HttpActionNotifier",
     "Notifier",
+    "NotifierBuilder",
     "NotifierStats",
     "NotifyError",
     "PagerDutyNotifier",
@@ -918,6 +919,52 @@ def build_notifier(
     raise ValueError(f"{key}.type: unknown notifier type {config.type!r}")
 
 
+class NotifierBuilder:
+    """Builds notifiers from config, at start and on every reload.
+
+    The HTTP notifiers share `session` (the caller's); the docker_restart ones share one
+    unix-socket session per socket path, opened the first time a path is needed and
+    closed by `aclose`. A path a reload no longer uses keeps its session until then:
+    a lane of a removed notifier may still be delivering through it, and socket paths
+    are few, so waiting for exit is simpler than tracking when each lane has drained.
+    """
+
+    def __init__(
+        self, session: aiohttp.ClientSession, *, environ: Mapping[str, str] | None = None
+    ) -> None:
+        self._session = session
+        self._environ = environ
+        self._docker: dict[str, aiohttp.ClientSession] = {}
+
+    async def build(self, configs: Mapping[str, NotifierConfig]) -> dict[str, Notifier]:
+        """One notifier per config; all or nothing (a missing secret raises SecretError)."""
+        paths = {
+            os.fspath(cfg.socket)
+            for cfg in configs.values()
+            if isinstance(cfg, DockerRestartNotifierConfig)
+        }
+        opened = {path: docker_session(path) for path in sorted(paths - self._docker.keys())}
+        sessions = {**self._docker, **opened}
+        try:
+            notifiers = {
+                name: build_notifier(
+                    name, cfg, self._session, docker_sessions=sessions, environ=self._environ
+                )
+                for name, cfg in configs.items()
+            }
+        except BaseException:
+            for s in opened.values():
+                await s.close()
+            raise
+        self._docker.update(opened)
+        return notifiers
+
+    async def aclose(self) -> None:
+        sessions, self._docker = self._docker, {}
+        for s in sessions.values():
+            await s.close()
+
+
 @contextlib.asynccontextmanager
 async def open_notifiers(
     configs: Mapping[str, NotifierConfig],
@@ -929,25 +976,13 @@ async def open_notifiers(
 
     The HTTP notifiers share `session` (the caller's, opened and closed by the runtime);
     the docker_restart ones share one unix-socket session per socket path, opened here
-    and closed on exit.
+    and closed on exit. (`NotifierBuilder` is the same, for callers that build again.)
     """
-    sockets = sorted(
-        {
-            os.fspath(cfg.socket)
-            for cfg in configs.values()
-            if isinstance(cfg, DockerRestartNotifierConfig)
-        }
-    )
-    async with contextlib.AsyncExitStack() as stack:
-        docker_sessions = {}
-        for path in sockets:
-            docker_sessions[path] = await stack.enter_async_context(docker_session(path))
-        yield {
-            name: build_notifier(
-                name, cfg, session, docker_sessions=docker_sessions, environ=environ
-            )
-            for name, cfg in configs.items()
-        }
+    builder = NotifierBuilder(session, environ=environ)
+    try:
+        yield await builder.build(configs)
+    finally:
+        await builder.aclose()
 
 
 # --- the dispatcher ----------------------------------------------------------------------------
@@ -976,7 +1011,13 @@ class NotifierStats:
 
 
 class Dispatcher:
-    """Alerts in, notifications out; one bounded lane (queue + worker) per notifier."""
+    """Alerts in, notifications out; one bounded lane (queue + worker) per notifier.
+
+    `replace_notifiers` swaps the set while running (a SIGHUP): a removed or changed
+    notifier's lane gets END_OF_STREAM, so what it holds is still delivered with the
+    old notifier, and a new lane serves the changed or added one from then on (across
+    a change, the old lane's leftovers and the new lane run side by side).
+    """
 
     def __init__(
         self,
@@ -996,7 +1037,62 @@ class Dispatcher:
         self.unknown_actions = 0
         self._warned_unknown: set[str] = set()
         self._lanes: dict[str, asyncio.Queue[Alert | EndOfStream]] = {}
+        self._tg: asyncio.TaskGroup | None = None  # while routing: where new lanes start
         self._state = "starting"
+
+    @property
+    def notifiers(self) -> Mapping[str, Notifier]:
+        return dict(self._notifiers)
+
+    def replace_notifiers(self, notifiers: Mapping[str, Notifier]) -> None:
+        """Use `notifiers` from now on; a name mapped to the same object is unchanged.
+
+        An unchanged notifier keeps its lane, queue and stats; a changed one keeps its
+        stats. Never blocks. Before run() (or once it is stopping) only the set is
+        swapped: run() opens the lanes, and a stopping dispatcher routes nothing more.
+        """
+        old, new = self._notifiers, dict(notifiers)
+        for name, notifier in old.items():
+            if new.get(name) is notifier:
+                continue
+            if self._tg is not None:
+                self._close_lane(self._lanes.pop(name))
+            if name not in new:
+                self.stats.pop(name, None)
+                self._log_change(name, notifier, "removed")
+        for name, notifier in new.items():
+            if old.get(name) is notifier:
+                continue
+            self.stats.setdefault(name, NotifierStats())
+            self._warned_unknown.discard(name)
+            if self._tg is not None:
+                self._open_lane(self._tg, name, notifier)
+            self._log_change(name, notifier, "changed" if name in old else "added")
+        self._notifiers = new
+
+    def _open_lane(self, tg: asyncio.TaskGroup, name: str, notifier: Notifier) -> None:
+        lane: asyncio.Queue[Alert | EndOfStream] = asyncio.Queue(maxsize=self._lane_size)
+        self._lanes[name] = lane
+        # The worker holds the stats object: a removed notifier's last deliveries are
+        # still counted (and logged) but no longer show in status().
+        tg.create_task(self._lane(notifier, lane, self.stats[name]), name=f"notify.{name}")
+
+    def _close_lane(self, lane: asyncio.Queue[Alert | EndOfStream]) -> None:
+        """End a lane after what it holds; nothing else is put on it any more."""
+        try:
+            lane.put_nowait(END_OF_STREAM)
+        except asyncio.QueueFull:  # the worker makes room as it delivers
+            assert self._tg is not None
+            self._tg.create_task(lane.put(END_OF_STREAM))
+
+    def _log_change(self, name: str, notifier: Notifier, change: str) -> None:
+        log.info(
+            "notifier %s (%s) %s",
+            name,
+            notifier.kind,
+            change,
+            extra={"component": COMPONENT, "notifier": name, "event": f"notifier.{change}"},
+        )
 
     # -- producer side --
 
@@ -1034,21 +1130,24 @@ class Dispatcher:
 
         Cancel it (the runtime's drain deadline) to give up on queued alerts.
         """
-        self._lanes = {name: asyncio.Queue(maxsize=self._lane_size) for name in self._notifiers}
+        self._lanes = {}
         self._state = "ok"
         try:
             async with asyncio.TaskGroup() as tg:
                 for name, notifier in self._notifiers.items():
-                    tg.create_task(self._lane(name, notifier, self._lanes[name]))
+                    self._open_lane(tg, name, notifier)
+                self._tg = tg
                 while True:
                     item = await inp.get()
                     if item is END_OF_STREAM or isinstance(item, EndOfStream):
                         self._state = "stopping"
-                        for lane in self._lanes.values():
+                        self._tg = None
+                        for lane in list(self._lanes.values()):
                             await lane.put(END_OF_STREAM)
                         break
                     self.route(item)
         finally:
+            self._tg = None
             self._state = "stopped"
 
     def route(self, alert: Alert) -> None:
@@ -1076,17 +1175,20 @@ class Dispatcher:
                 self._count_drop(action, stats, alert, "its queue is full (receiver too slow)")
 
     async def _lane(
-        self, name: str, notifier: Notifier, lane: asyncio.Queue[Alert | EndOfStream]
+        self, notifier: Notifier, lane: asyncio.Queue[Alert | EndOfStream], stats: NotifierStats
     ) -> None:
         while True:
             item = await lane.get()
             if item is END_OF_STREAM or isinstance(item, EndOfStream):
                 return
-            await self.deliver(notifier, item)
+            await self.deliver(notifier, item, stats)
 
-    async def deliver(self, notifier: Notifier, alert: Alert) -> bool:
+    async def deliver(
+        self, notifier: Notifier, alert: Alert, stats: NotifierStats | None = None
+    ) -> bool:
         """Send with a timeout per attempt, retry transient errors; count the outcome."""
-        stats = self.stats.setdefault(notifier.name, NotifierStats())
+        if stats is None:
+            stats = self.stats.setdefault(notifier.name, NotifierStats())
         policy = notifier.policy
         attempt = 0
         while True:

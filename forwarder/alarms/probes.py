@@ -316,20 +316,68 @@ class ProbeSchedule:
             return float("inf")
         return max(0.0, min(self._next.values()) - now)
 
+    def add(self, name: str, interval_s: float, at: float) -> None:
+        """Schedule `name` (anew, if it was scheduled): first at `at`, then every interval."""
+        self._intervals[name] = interval_s
+        self._next[name] = at
+
+    def remove(self, name: str) -> None:
+        self._intervals.pop(name, None)
+        self._next.pop(name, None)
+
 
 class ProbeRunner:
-    """Runs every probe on its interval and puts each result on `out`."""
+    """Runs every probe on its interval and puts each result on `out`.
+
+    `replace_probes` swaps the set while running (a SIGHUP); the run loop wakes up to
+    schedule what was added or changed.
+    """
 
     def __init__(self, probes: Sequence[Probe], clock: Clock) -> None:
-        names = [p.name for p in probes]
-        if len(set(names)) != len(names):
-            raise ValueError("probe names must be unique")
-        self._probes = {p.name: p for p in probes}
+        self._probes = _by_name(probes)
         self._clock = clock
+        self._schedule: ProbeSchedule | None = None  # while running
+        self._wake = asyncio.Event()
         self._state = "starting"
         self.last: dict[str, ProbeResult] = {}
         self.checks = 0
         self.failures = 0
+
+    @property
+    def probes(self) -> Mapping[str, Probe]:
+        return dict(self._probes)
+
+    def replace_probes(self, probes: Sequence[Probe]) -> None:
+        """Run `probes` from now on; a name given the same object as now is unchanged.
+
+        Unchanged probes keep their schedule; added and changed ones run now, then on
+        their interval; removed ones stop, and their last result leaves status().
+        """
+        old, new = self._probes, _by_name(probes)
+        now = self._clock.monotonic()
+        for name, probe in old.items():
+            if name not in new:
+                self.last.pop(name, None)
+                if self._schedule is not None:
+                    self._schedule.remove(name)
+                self._log_change(probe, "removed")
+        for name, probe in new.items():
+            if old.get(name) is probe:
+                continue
+            if self._schedule is not None:
+                self._schedule.add(name, probe.interval_s, now)
+            self._log_change(probe, "changed" if name in old else "added")
+        self._probes = new
+        self._wake.set()
+
+    def _log_change(self, probe: Probe, change: str) -> None:
+        log.info(
+            "probe %s (%s) %s",
+            probe.name,
+            probe.kind,
+            change,
+            extra={"component": COMPONENT, "probe": probe.name, "event": f"probe.{change}"},
+        )
 
     def status(self) -> dict[str, Any]:
         return {
@@ -345,25 +393,42 @@ class ProbeRunner:
         schedule = ProbeSchedule(
             {name: p.interval_s for name, p in self._probes.items()}, clock.monotonic()
         )
+        self._schedule = schedule
         self._state = "ok"
         try:
             while not stop.is_set():
-                due = schedule.due(clock.monotonic())
+                self._wake.clear()  # a replace from here on cuts the wait below short
+                due = [(name, self._probes[name]) for name in schedule.due(clock.monotonic())]
                 if due:
-                    results = await asyncio.gather(*(self._probes[n].check() for n in due))
+                    results = await asyncio.gather(*(probe.check() for _, probe in due))
                     finished = clock.monotonic()
-                    for name in due:
+                    for (name, probe), result in zip(due, results, strict=True):
+                        # Replaced or removed while it ran: the schedule already holds
+                        # the new probe (or none), and this result is of the old one.
+                        if self._probes.get(name) is not probe:
+                            continue
                         schedule.done(name, finished)
-                    for result in results:
                         self._record(result)
                         await out.put(result)
                     continue
-                wait_s = schedule.wait_s(clock.monotonic())
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(None if math.isinf(wait_s) else wait_s):
-                        await stop.wait()
+                await self._sleep(schedule.wait_s(clock.monotonic()), stop)
         finally:
+            self._schedule = None
             self._state = "stopped"
+
+    async def _sleep(self, wait_s: float, stop: asyncio.Event) -> None:
+        """Wait `wait_s`, or less: until `stop` is set or the probes are replaced."""
+        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(self._wake.wait())]
+        try:
+            await asyncio.wait(
+                waits,
+                timeout=None if math.isinf(wait_s) else wait_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     def _record(self, result: ProbeResult) -> None:
         self.checks += 1
@@ -381,3 +446,10 @@ class ProbeRunner:
                 result.detail,
                 extra={"component": COMPONENT, "probe": result.probe},
             )
+
+
+def _by_name(probes: Sequence[Probe]) -> dict[str, Probe]:
+    names = [p.name for p in probes]
+    if len(set(names)) != len(names):
+        raise ValueError("probe names must be unique")
+    return {p.name: p for p in probes}

@@ -1,7 +1,8 @@
 """Builds the alarm side of the daemon from the config: rules, notifiers, probes.
 
 The runtime owns the loops; this module owns turning config sections into the
-objects those loops run, so runtime.py stays free of alarm details.
+objects those loops run, so runtime.py stays free of alarm details. On a reload
+(SIGHUP) `Alarms.replace_receivers` builds and swaps in new notifiers and probes.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ import contextlib
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from forwarder.alarms.config import NotifierConfig, ProbeConfig
 from forwarder.alarms.engine import AlarmEngine
-from forwarder.alarms.notify import Dispatcher, open_notifiers
+from forwarder.alarms.notify import Dispatcher, NotifierBuilder
 from forwarder.alarms.privacy import Pseudonymizer
 from forwarder.alarms.probes import ProbeResult, ProbeRunner, build_probes
 from forwarder.alarms.rules import Alert, RuleSet
@@ -36,7 +38,8 @@ ALERT_QUEUE_SIZE = 1000  # lossy: a full queue drops the newest alert and counts
 
 
 class AlarmSetupError(Exception):
-    """A secret the alarms need is missing; the message names it (never its value)."""
+    """The alarms cannot be built, e.g. a secret is missing; the message names the
+    problem (a secret's variable or file, never its value)."""
 
 
 INSTALLATION_KEY_FILE = "privacy.key"
@@ -84,6 +87,17 @@ def _installation_key(path: Path) -> bytes:
 
 
 @dataclass
+class Receivers:
+    """What the notifiers and probes were built from, and what builds them again."""
+
+    notifiers: dict[str, NotifierConfig]
+    probes: dict[str, ProbeConfig]
+    builder: NotifierBuilder
+    session: aiohttp.ClientSession  # the shared one: HTTP notifiers and probes
+    clock: Clock
+
+
+@dataclass
 class Alarms:
     """The running alarm side: engine, dispatcher, recorder, probes, and their queues."""
 
@@ -92,6 +106,7 @@ class Alarms:
     recorder: AlertRecorder
     probes: ProbeRunner
     events: asyncio.Queue[Any]
+    receivers: Receivers
     has_rules: bool = True  # without rules nothing feeds the engine (and it ends at once)
     alerts: asyncio.Queue[Alert | EndOfStream] = field(
         default_factory=lambda: asyncio.Queue(maxsize=ALERT_QUEUE_SIZE)
@@ -101,6 +116,47 @@ class Alarms:
     )
     probe_results: asyncio.Queue[ProbeResult] = field(default_factory=asyncio.Queue)
     engine_probe_results: asyncio.Queue[ProbeResult] = field(default_factory=asyncio.Queue)
+    _reloading: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
+
+    async def replace_receivers(
+        self, notifiers: Mapping[str, NotifierConfig], probes: Mapping[str, ProbeConfig]
+    ) -> list[str]:
+        """Swap notifiers and probes for a new configuration, while running (a SIGHUP).
+
+        Only what changed (compared by config) is built anew: an unchanged notifier
+        keeps its lane, queue and stats, an unchanged probe its schedule. Returns which
+        of "notifiers" / "probes" changed. Raises AlarmSetupError naming the problem
+        (a missing secret: its variable or file, never its value) and then changes
+        nothing.
+        """
+        async with self._reloading:
+            current = self.receivers
+            new_notifiers, new_probes = dict(notifiers), dict(probes)
+            built_probes = {p.name: p for p in self.probes.probes.values()}
+            try:
+                # Probes first: building them has no side effect to undo if a
+                # notifier then fails.
+                fresh = {n: c for n, c in new_probes.items() if current.probes.get(n) != c}
+                built_probes.update(
+                    (p.name, p) for p in build_probes(fresh, current.session, current.clock)
+                )
+                fresh_notifiers = {
+                    n: c for n, c in new_notifiers.items() if current.notifiers.get(n) != c
+                }
+                built = {**self.dispatcher.notifiers}
+                built.update(await current.builder.build(fresh_notifiers))
+            except (SecretError, ValueError) as e:
+                raise AlarmSetupError(str(e)) from None
+            changed = []
+            if new_notifiers != current.notifiers:
+                self.dispatcher.replace_notifiers({n: built[n] for n in new_notifiers})
+                current.notifiers = new_notifiers
+                changed.append("notifiers")
+            if new_probes != current.probes:
+                self.probes.replace_probes([built_probes[n] for n in new_probes])
+                current.probes = new_probes
+                changed.append("probes")
+            return changed
 
     def status(self) -> dict[str, Any]:
         engine = self.engine.status()
@@ -179,9 +235,11 @@ async def open_alarms(
         session = await stack.enter_async_context(
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
         )
+        builder = NotifierBuilder(session)
+        stack.push_async_callback(builder.aclose)  # docker sessions, reloads' included
         try:
             probes = build_probes(settings.probes, session, clock)
-            notifiers = await stack.enter_async_context(open_notifiers(settings.notifiers, session))
+            notifiers = await builder.build(settings.notifiers)
         except SecretError as e:
             raise AlarmSetupError(str(e)) from None
         yield Alarms(
@@ -190,5 +248,12 @@ async def open_alarms(
             recorder=AlertRecorder(sink.pool, sink.names),
             probes=ProbeRunner(probes, clock),
             events=events,
+            receivers=Receivers(
+                notifiers=dict(settings.notifiers),
+                probes=dict(settings.probes),
+                builder=builder,
+                session=session,
+                clock=clock,
+            ),
             has_rules=bool(settings.alarms),
         )
