@@ -41,7 +41,7 @@ import orjson
 from forwarder.clock import Clock
 from forwarder.event import Position, RawChunk
 from forwarder.http_config import HttpConfig
-from forwarder.pipeline.stage import EndOfStream
+from forwarder.pipeline.stage import Marker
 from forwarder.sinks.spool import (
     CHECKPOINT_STREAM,
     START,
@@ -492,7 +492,7 @@ class Intake:
             self._closing = True
             self._state = "stopped"
 
-    async def _feed(self, out: asyncio.Queue[RawChunk | EndOfStream], stop: asyncio.Event) -> None:
+    async def _feed(self, out: asyncio.Queue[RawChunk | Marker], stop: asyncio.Event) -> None:
         pos = self._fed_to
         stopping = asyncio.ensure_future(stop.wait())
         try:

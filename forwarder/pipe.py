@@ -63,7 +63,7 @@ from forwarder.config import EMBEDDED_DSN, MultilineConfig, Settings
 from forwarder.event import EventChunk, RawChunk
 from forwarder.logs import daemon_formatter
 from forwarder.pipeline.multiline import Grouper, build_grouper
-from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream, NormalizeStage
+from forwarder.pipeline.stage import END_OF_STREAM, Marker, NormalizeStage
 from forwarder.runtime import Database, open_database
 from forwarder.sinks.postgres import PostgresSink, error_text
 from forwarder.sinks.spool import (
@@ -944,8 +944,8 @@ class PipeRun:
                     start = None
                 await asyncio.to_thread(self.writer.acknowledge, start)
                 size = settings.pipeline.queue_chunks
-                raw_q: asyncio.Queue[RawChunk | EndOfStream] = asyncio.Queue(size)
-                event_q: asyncio.Queue[EventChunk | EndOfStream] = asyncio.Queue(size)
+                raw_q: asyncio.Queue[RawChunk | Marker] = asyncio.Queue(size)
+                event_q: asyncio.Queue[EventChunk | Marker] = asyncio.Queue(size)
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._feed(start or START, raw_q), name="pipe.feed")
                     tg.create_task(NormalizeStage(self.clock).run(raw_q, event_q), name="normalize")
@@ -968,7 +968,7 @@ class PipeRun:
             if database is not None and self.database is None:
                 database.close()  # the embedded server we started
 
-    async def _feed(self, start: SpoolPosition, out: asyncio.Queue[RawChunk | EndOfStream]) -> None:
+    async def _feed(self, start: SpoolPosition, out: asyncio.Queue[RawChunk | Marker]) -> None:
         """Read the spool from `start` to the writer's end, following it, grouped into
         records; then END_OF_STREAM."""
         self._fed_to = start
@@ -1002,7 +1002,7 @@ class PipeRun:
 
     async def _put_chunk(
         self,
-        out: asyncio.Queue[RawChunk | EndOfStream],
+        out: asyncio.Queue[RawChunk | Marker],
         records: Records,
         position: SpoolPosition,
     ) -> None:

@@ -29,6 +29,7 @@ from forwarder.config import (
     ConfigError,
     DatabaseConfig,
     DockerSourceConfig,
+    FileSourceConfig,
     Settings,
 )
 from forwarder.event import EventChunk, RawChunk
@@ -37,7 +38,7 @@ from forwarder.http_config import TokenError
 from forwarder.intake import Intake
 from forwarder.metrics import Metrics, pipeline_status, snapshot_of
 from forwarder.pipeline.sample import Sampler
-from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream, NormalizeStage
+from forwarder.pipeline.stage import END_OF_STREAM, Flush, Marker, NormalizeStage
 from forwarder.retention import RetentionJob
 from forwarder.sinks.embedded import EmbeddedServer, start_embedded
 from forwarder.sinks.postgres import PostgresSink
@@ -45,6 +46,7 @@ from forwarder.sinks.spool import SpoolError
 from forwarder.sources.base import Source
 from forwarder.sources.docker import build_docker_source
 from forwarder.sources.file import FileSource, own_output_identities
+from forwarder.sources.running import SourceFactory, SourceSet, SourceStartError
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +109,16 @@ class Pipeline:
 
     settings: Settings
     sink: PostgresSink
-    sources: list[Source]
+    sources: SourceSet
     normalize: NormalizeStage
-    raw_q: asyncio.Queue[RawChunk | EndOfStream]
-    event_q: asyncio.Queue[EventChunk | EndOfStream]
+    raw_q: asyncio.Queue[RawChunk | Marker]
+    event_q: asyncio.Queue[EventChunk | Marker]
     alarms: Alarms
+    build_source: SourceFactory
+    stop: asyncio.Event
     exit_on_eof: bool = False
     retention: RetentionJob | None = None
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def progress(self) -> tuple[int, int]:
         done = total = 0
@@ -123,6 +127,18 @@ class Pipeline:
             done += d
             total += t
         return done, total
+
+    async def flush(self) -> None:
+        """Return once every line queued so far is committed (or the daemon stops)."""
+        marker = Flush()
+        await self.raw_q.put(marker)
+        done = asyncio.ensure_future(marker.done.wait())
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait([done, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done.cancel()
+            stopping.cancel()
 
 
 # A progress display: a coroutine over the running pipeline, cancelled when it ends.
@@ -173,44 +189,45 @@ async def _run_pipeline(
         for action in await sink.migrate(clock.now().date()):
             log.info("migrate: %s", action, extra={"component": "database"})
         own_output = own_output_identities()
-        sources: list[Source] = []
-        for cfg in settings.sources:
+
+        async def build_source(cfg: FileSourceConfig | DockerSourceConfig) -> Source:
+            """A source resuming from the positions committed under its name."""
             checkpoints = await sink.load_checkpoints(cfg.name)
+            options = {"exit_on_eof": exit_on_eof, "ignore_identities": own_output}
             if isinstance(cfg, DockerSourceConfig):
-                sources.append(
-                    build_docker_source(
-                        cfg,
-                        checkpoints,
-                        clock,
-                        exit_on_eof=exit_on_eof,
-                        ignore_identities=own_output,
-                    )
-                )
-            else:
-                sources.append(
-                    FileSource(
-                        cfg,
-                        checkpoints,
-                        clock,
-                        exit_on_eof=exit_on_eof,
-                        ignore_identities=own_output,
-                    )
-                )
-        intake = await _build_intake(settings, sink, clock) if settings.http.enabled else None
-        if intake is not None:
-            sources.append(intake)
+                return build_docker_source(cfg, checkpoints, clock, **options)
+            return FileSource(cfg, checkpoints, clock, **options)
+
         size = settings.pipeline.queue_chunks
-        alarm_q: asyncio.Queue[EventChunk | EndOfStream] = asyncio.Queue(maxsize=size)
+        raw_q: asyncio.Queue[RawChunk | Marker] = asyncio.Queue(maxsize=size)
+        stop = asyncio.Event()
+        sources = SourceSet(raw_q, stop, exit_on_eof=exit_on_eof)
+        for cfg in settings.sources:
+            sources.add(cfg.name, await build_source(cfg), cfg)
+        # A backfill reads its files to the end and exits; the intake has no end, so it
+        # stays off (what its spool holds is replayed by the next daemon run).
+        serve_http = settings.http.enabled and not exit_on_eof
+        if settings.http.enabled and exit_on_eof:
+            log.info(
+                "backfill (--exit-on-eof): the HTTP server and intake are not started",
+                extra={"component": "runtime"},
+            )
+        intake = await _build_intake(settings, sink, clock) if serve_http else None
+        if intake is not None:
+            sources.add(intake.name, intake)  # not reloadable: [http] needs a restart
+        alarm_q: asyncio.Queue[EventChunk | Marker] = asyncio.Queue(maxsize=size)
         try:
             async with open_alarms(settings, sink, clock, alarm_q) as alarms:
                 pipeline = Pipeline(
                     settings=settings,
                     sink=sink,
                     sources=sources,
+                    build_source=build_source,
+                    stop=stop,
                     normalize=NormalizeStage(
                         clock, privacy=privacy, sampler=_sampler(settings, exit_on_eof)
                     ),
-                    raw_q=asyncio.Queue(maxsize=size),
+                    raw_q=raw_q,
                     event_q=asyncio.Queue(maxsize=size),
                     alarms=alarms,
                     exit_on_eof=exit_on_eof,
@@ -260,7 +277,7 @@ async def _start_http(
     clock: Clock,
     intake: Intake | None,
 ) -> web.AppRunner | None:
-    if not settings.http.enabled:
+    if not settings.http.enabled or pipeline.exit_on_eof:
         return None
     try:
         ctx = HttpContext(
@@ -341,43 +358,55 @@ def _log_startup(settings: Settings, database: Database) -> None:
 
 # Sections a SIGHUP applies to the running daemon; a change anywhere else is logged as
 # needing a restart (the running configuration keeps them).
-RELOADABLE = ("sampling", "alarms")
+RELOADABLE = ("sampling", "alarms", "notifiers", "probes", "sources")
 
 
-def reload_config(pipeline: Pipeline, load: Callable[[], Settings]) -> None:
+async def reload_config(pipeline: Pipeline, load: Callable[[], Settings]) -> None:
     """SIGHUP: read the configuration again; apply what can change while running.
 
-    An invalid file is refused and logged; the running configuration stays whole.
-    Sampling is swapped at once; alarm rules are replaced keeping what is firing
-    (their counting windows start empty).
+    A file that does not validate, or names a secret that is missing, is refused and
+    logged; the running configuration stays whole. Otherwise, in this order: notifiers
+    and probes are swapped (before the rules that may name them); sampling is swapped;
+    alarm rules are replaced keeping what is firing (their counting windows start
+    empty); removed and changed sources stop and, once what they queued is committed,
+    changed and added ones start from their committed positions: no line is read
+    twice or skipped.
     """
-    try:
-        new = load()
-    except ConfigError as e:
-        log.error(
-            "SIGHUP: the new configuration is refused, the running one stays: %s",
-            "; ".join(e.problems),
-            extra={"component": "runtime", "event": "reload.refused"},
-        )
-        return
-    old = pipeline.settings
-    applied: list[str] = []
-    restart = [
-        name
-        for name in Settings.model_fields
-        if name not in RELOADABLE and getattr(new, name) != getattr(old, name)
-    ]
-    if new.sampling != old.sampling:
-        pipeline.normalize.sampler = _sampler(new, pipeline.exit_on_eof)
-        applied.append("sampling")
-    if new.alarms != old.alarms:
-        if pipeline.alarms.has_rules and new.alarms:
-            pipeline.alarms.engine.replace_rules(RuleSet.from_config(new.alarms))
-            applied.append("alarms")
-        else:  # the alarm engine starts (or stops) listening only at start
-            restart.append("alarms")
-    kept = {name: getattr(new, name) for name in applied}
-    pipeline.settings = old.model_copy(update=kept)
+    async with pipeline.reloading:  # one reload at a time, in signal order
+        try:
+            new = load()
+        except ConfigError as e:
+            _refuse("; ".join(e.problems))
+            return
+        old = pipeline.settings
+        try:
+            applied = await pipeline.alarms.replace_receivers(new.notifiers, new.probes)
+        except AlarmSetupError as e:
+            _refuse(str(e))
+            return
+        restart = [
+            name
+            for name in Settings.model_fields
+            if name not in RELOADABLE and getattr(new, name) != getattr(old, name)
+        ]
+        if new.sampling != old.sampling:
+            pipeline.normalize.sampler = _sampler(new, pipeline.exit_on_eof)
+            applied.append("sampling")
+        if new.alarms != old.alarms:
+            if pipeline.alarms.has_rules and new.alarms:
+                pipeline.alarms.engine.replace_rules(RuleSet.from_config(new.alarms))
+                applied.append("alarms")
+            else:  # the alarm engine starts (or stops) listening only at start
+                restart.append("alarms")
+        failed = []
+        if new.sources != old.sources:
+            if pipeline.exit_on_eof:
+                restart.append("sources")  # a backfill reads a fixed set to its end
+            else:
+                failed = await _reload_sources(pipeline, new)
+                applied.append("sources")
+        kept = {name: getattr(new, name) for name in applied}
+        pipeline.settings = old.model_copy(update=kept)
     log.info(
         "SIGHUP: configuration reloaded; applied: %s; unchanged until a restart: %s",
         ", ".join(applied) or "nothing",
@@ -387,8 +416,35 @@ def reload_config(pipeline: Pipeline, load: Callable[[], Settings]) -> None:
             "event": "reload.done",
             "applied": applied,
             "restart_needed": restart,
+            "sources_failed": failed,
         },
     )
+
+
+def _refuse(problem: str) -> None:
+    log.error(
+        "SIGHUP: the new configuration is refused, the running one stays: %s",
+        problem,
+        extra={"component": "runtime", "event": "reload.refused"},
+    )
+
+
+async def _reload_sources(pipeline: Pipeline, new: Settings) -> list[str]:
+    """Swap the source list; returns the names of sources that could not start."""
+    configs = {cfg.name: cfg for cfg in new.sources}
+    try:
+        changes = await pipeline.sources.replace(configs, pipeline.build_source, pipeline.flush)
+    except SourceStartError as e:
+        log.error("SIGHUP: %s", e, extra={"component": "runtime", "event": "reload.source_failed"})
+        return [e.name]
+    log.info(
+        "SIGHUP: sources added: %s; removed: %s; restarted with a new config: %s",
+        ", ".join(changes.added) or "none",
+        ", ".join(changes.removed) or "none",
+        ", ".join(changes.changed) or "none",
+        extra={"component": "runtime", "event": "reload.sources"},
+    )
+    return []
 
 
 async def _supervise(
@@ -430,8 +486,18 @@ async def _supervise(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup(load: Callable[[], Settings]) -> None:
+        if pipeline.stop.is_set():
+            log.info("SIGHUP ignored: draining", extra={"component": "runtime"})
+            return
+        task = asyncio.create_task(reload_config(pipeline, load), name="reload")
+        reloads.add(task)
+        task.add_done_callback(lambda t: _reload_finished(t, reloads))
+
     if reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, reload_config, pipeline, reload)
+        loop.add_signal_handler(signal.SIGHUP, on_sighup, reload)
     reporter = asyncio.create_task(progress(pipeline)) if progress is not None else None
     try:
         async with asyncio.TaskGroup() as tg:
@@ -453,6 +519,10 @@ async def _supervise(
             loop.remove_signal_handler(signum)
         if deadline is not None:
             deadline.cancel()
+        for task in list(reloads):  # a reload waiting on the database ends with the daemon
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if reporter is not None:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -465,13 +535,20 @@ async def _supervise(
     return EXIT_OK
 
 
+def _reload_finished(task: asyncio.Task[None], running: set[asyncio.Task[None]]) -> None:
+    running.discard(task)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        # A bug, not a bad file (that is refused): keep running on what was applied.
+        log.error(
+            "SIGHUP: the reload failed: %r",
+            exc,
+            exc_info=exc,
+            extra={"component": "runtime", "event": "reload.failed"},
+        )
+
+
 async def _run_sources(pipeline: Pipeline) -> None:
     """Run every source; once all have returned, end the stream for the stages."""
-    async with asyncio.TaskGroup() as tg:
-        for source in pipeline.sources:
-            tg.create_task(source.run(pipeline.raw_q, pipeline.stop), name=f"source:{source}")
-    if not pipeline.exit_on_eof:
-        # A daemon runs until a signal, even with no source (probes and alarms only).
-        await pipeline.stop.wait()
+    await pipeline.sources.run()
     await pipeline.raw_q.put(END_OF_STREAM)
     pipeline.stop.set()  # a backfill at its end: stop the probes too

@@ -18,7 +18,11 @@ if TYPE_CHECKING:
     from forwarder.pipeline.sample import Sampler
 
 
-class EndOfStream:
+class Marker:
+    """An in-band signal travelling a queue in order with the items around it."""
+
+
+class EndOfStream(Marker):
     """Marker put on a queue after the last item; the consumer drains and returns.
 
     Compare by identity with END_OF_STREAM, the one instance.
@@ -29,6 +33,20 @@ class EndOfStream:
 
 
 END_OF_STREAM: Final = EndOfStream()
+
+
+class Flush(Marker):
+    """Marker that every stage passes on in order; the sink commits every row queued
+    before it, then sets `done`. So once `done` is set, each position a source put on
+    the raw queue before the marker is committed: a source restarted by a reload can
+    resume from the committed positions without reading a line twice.
+    """
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"Flush(done={self.done.is_set()})"
 
 
 class NormalizeStage:
@@ -55,9 +73,9 @@ class NormalizeStage:
 
     async def run(
         self,
-        inp: asyncio.Queue[RawChunk | EndOfStream],
-        out: asyncio.Queue[EventChunk | EndOfStream],
-        alarms: asyncio.Queue[EventChunk | EndOfStream] | None = None,
+        inp: asyncio.Queue[RawChunk | Marker],
+        out: asyncio.Queue[EventChunk | Marker],
+        alarms: asyncio.Queue[EventChunk | Marker] | None = None,
     ) -> None:
         sampler = self.sampler
         while True:
@@ -71,6 +89,9 @@ class NormalizeStage:
                     await alarms.put(END_OF_STREAM)
                 await out.put(END_OF_STREAM)
                 return
+            if isinstance(item, Flush):
+                await out.put(item)
+                continue
             assert isinstance(item, RawChunk)
             events = normalize_chunk(item, self.clock.now())
             if self.privacy is not None:

@@ -47,7 +47,7 @@ from forwarder.config import BatchConfig, DatabaseConfig
 from forwarder.event import Event, EventChunk, Position
 
 # The end-of-stream marker is the pipeline's one instance; re-exported from here.
-from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream
+from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream, Flush, Marker
 from forwarder.sinks import schema
 from forwarder.sinks.batch import Batch, Batcher
 
@@ -511,8 +511,10 @@ class PostgresSink:
 
     # -- the loop --
 
-    async def run(self, inp: asyncio.Queue[EventChunk | EndOfStream]) -> None:
+    async def run(self, inp: asyncio.Queue[EventChunk | Marker]) -> None:
         """Consume chunks, write a batch when due (size or age); on END_OF_STREAM flush, return.
+
+        A `Flush` marker writes what is batched at once and is set done once it commits.
 
         The next batch is assembled and encoded while the previous one is being
         written, so our CPU work overlaps the server's; at most one batch is in flight
@@ -543,6 +545,13 @@ class PostgresSink:
                     if writing is not None:
                         await writing
                     return
+                if isinstance(item, Flush):
+                    if not batcher.empty:
+                        writing = await self._start_write(batcher.take(), writing)
+                    if writing is not None:
+                        await writing
+                    item.done.set()
+                    continue
                 batcher.add(item, clock.monotonic())
         finally:
             if writing is not None and not writing.done():

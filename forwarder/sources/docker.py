@@ -312,6 +312,7 @@ class DockerFilesSource:
         own_container: OwnContainer | None = None,
         read_config: Callable[[str], ContainerInfo] = read_container_config,
     ) -> None:
+        self.name = cfg.name  # the source's name, for status
         self._cfg = cfg
         own = detect_own_container() if own_container is None else own_container
         self._rules = ContainerRules.from_config(cfg, own)

@@ -586,6 +586,7 @@ class DockerApiSource:
         reconnect_initial_s: float = RECONNECT_INITIAL_S,
         reconnect_max_s: float = RECONNECT_MAX_S,
     ) -> None:
+        self.name = cfg.name  # the source's name, for status
         self._cfg = cfg
         self._clock = clock
         self._exit_on_eof = exit_on_eof

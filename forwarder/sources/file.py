@@ -342,6 +342,7 @@ class FileSource:
         under its rotated name): None skips the file; a `FileTarget` gives the service
         and the meta of every chunk read from it. Without it, every file is the
         configured service with no meta."""
+        self.name = config.name  # the source's name, for status
         self._config = config
         self._describe = describe
         self._undescribed: set[str] = set()  # paths describe() skipped, logged once

@@ -619,3 +619,32 @@ async def test_aclose_is_idempotent(make_sink: SinkFactory) -> None:
     assert sink.status()["state"] == "stopped"
     with pytest.raises(RuntimeError):
         await run_all(sink, [])
+
+
+async def test_a_flush_marker_is_done_only_once_everything_before_it_is_committed(
+    make_sink: SinkFactory, pg_dsn: str, pg_schema: str
+) -> None:
+    """A batch far from full and far from due is written at once for a Flush."""
+    from forwarder.pipeline.stage import Flush
+
+    sink = await make_sink(max_rows=100_000, max_delay_s=3600)
+    q: asyncio.Queue[Any] = asyncio.Queue()
+    running = asyncio.create_task(sink.run(q))
+    conn = await asyncpg.connect(pg_dsn, server_settings={"search_path": pg_schema})
+    try:
+        q.put_nowait(chunk(0, 10, offset=100))
+        first, second = Flush(), Flush()
+        q.put_nowait(first)
+        q.put_nowait(chunk(10, 5, offset=200))
+        q.put_nowait(second)
+        await asyncio.wait_for(first.done.wait(), 30)
+        assert len(await stored_messages(conn)) >= 10
+        await asyncio.wait_for(second.done.wait(), 30)
+        await assert_exactly_once(conn, 15)
+        committed = await sink.load_checkpoints("ui")
+        assert committed["s1"].offset == 200
+        q.put_nowait(END_OF_STREAM)
+        await asyncio.wait_for(running, 30)
+    finally:
+        running.cancel()
+        await conn.close()

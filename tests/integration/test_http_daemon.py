@@ -94,3 +94,30 @@ cors_origins = ["https://panel.example.com"]
     finally:
         code = await daemon.stop()
     assert code == 0, daemon.stderr()
+
+
+async def test_a_backfill_with_http_configured_reads_its_files_and_exits(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    """The intake never ends; a backfill (--exit-on-eof) leaves it off instead of hanging."""
+    port = free_port()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.log").write_bytes(b"".join(b"INFO backfilled %d\n" % i for i in range(50)))
+    http = f'\n[http]\nenabled = true\nlisten = "127.0.0.1:{port}"\n'
+    config = write_config(tmp_path / "f.toml", dsn=pg_dsn, schema=pg_schema,
+                          files={"a": [str(logs / "a.log")]}, extra=http)  # fmt: skip
+    daemon = Daemon(config, "--exit-on-eof")
+    daemon.env_extra = {"FORWARDER_HTTP_TOKENS": "token-for-the-test-0123456789"}
+    await daemon.start()
+    try:
+        code = await daemon.wait(60)
+    finally:
+        await daemon.stop()
+    assert code == 0, daemon.stderr()
+    assert "the HTTP server and intake are not started" in daemon.stderr()
+    conn = await asyncpg.connect(pg_dsn, server_settings={"search_path": pg_schema})
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM system_logs") == 50
+    finally:
+        await conn.close()
