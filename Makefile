@@ -24,7 +24,7 @@ bench: $(STAMP)
 
 # The chaos suite at full size (CI runs a small one inside `make test`).
 chaos: $(STAMP)
-	$(BIN)/python -m tests.chaos.run --minutes 3 --writers 4 --files 4
+	$(BIN)/python -m tests.chaos.run --minutes 3 --writers 4 --files 4 --http-clients 8
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "forwarder needs Python 3.11 or newer; this is " + sys.version.split()[0] + " (set PYTHON=python3.11)")'

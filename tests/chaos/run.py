@@ -52,8 +52,17 @@ a replay reproduces the same sequence of faults, not the same bytes at the same
 microsecond. The action log is `<workdir>/actions.log`; the work folder is kept on
 failure (or with --keep).
 
-HTTP intake under load (issue 6 part 5) is not here yet: the HTTP server is being
-written. See `HttpIntakeLoad` (HOOK(http-intake)) for where it plugs in.
+The HTTP intake under load (issue 6 part 5, `--http-clients N`, tests/chaos/http_intake.py):
+the daemon also serves `POST /logs/ingest` (a free port, a bearer token, a generous
+rate limit, a 1 MB spool) and N asyncio clients POST small batches of sequence-numbered
+lines (service `chaos_http`, meta w >= 1000) through every fault. 503/429 and refused
+connections are retried (same batch, after Retry-After); a request sent and never
+answered is "in doubt" and not retried. At the end every acknowledged (202) line must
+be stored exactly once, every in-doubt line at most once, and no other row may carry
+the intake's service. Printed: requests sent, acknowledged lines, 503/429 retries,
+in-doubt lines (and how many were stored), lost, duplicated. The final backfill runs
+without [http]: `--exit-on-eof` does not end while the intake runs (it has no end of
+file), and the final SIGTERM has already drained the spool.
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -79,9 +89,12 @@ from typing import Any
 
 import orjson
 
+from tests.chaos.http_intake import HTTP_SERVICE, HTTP_SOURCE, HttpFigures, HttpIntakeLoad
+
 LOGROTATE = "/usr/sbin/logrotate"
 SOURCE_PREFIX = "app_"
 EVENT = "chaos.seq"
+STARTED = re.compile(rb'"event":\s*"startup\.sink"')  # the daemon's last start-up line
 _JOURNAL = struct.Struct("<qqqqq")  # file index, first n, last n, t_start_ns, t_end_ns
 
 # --- writers (child processes) ---------------------------------------------------------------
@@ -192,6 +205,24 @@ class Figures:
     final_stop_code: int | None = None
     final_backfill_code: int | None = None
     dead_letters: int = 0
+    # HTTP intake (0 clients: all zero and not printed)
+    http_clients: int = 0
+    http_requests: int = 0
+    http_acknowledged_requests: int = 0
+    http_acknowledged_lines: int = 0
+    http_retries_503: int = 0
+    http_retries_429: int = 0
+    http_retries_refused: int = 0
+    http_in_doubt_requests: int = 0
+    http_in_doubt_lines: int = 0
+    http_in_doubt_stored: int = 0
+    http_abandoned_lines: int = 0
+    http_rows: int = 0
+    http_lost: int = 0
+    http_duplicated: int = 0
+    http_other_rows: int = 0
+    http_unexpected_answers: dict[str, int] = field(default_factory=dict)
+    http_examples: list[str] = field(default_factory=list)
     examples_lost: list[str] = field(default_factory=list)
     examples_duplicated: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -218,6 +249,38 @@ class Figures:
             p.append(f"--exit-on-eof exit code {self.final_backfill_code} (0 expected)")
         if self.unexpected_exits:
             p.append(f"the forwarder exited on its own: codes {self.unexpected_exits}")
+        if self.http_clients:
+            if self.http_lost:
+                p.append(f"{self.http_lost} acknowledged HTTP lines lost")
+            if self.http_duplicated:
+                p.append(f"{self.http_duplicated} HTTP lines stored more than once")
+            if self.http_other_rows:
+                p.append(
+                    f"{self.http_other_rows} intake rows that are no acknowledged or "
+                    "in-doubt line (stored though refused, or garbled)"
+                )
+            if self.http_unexpected_answers:
+                p.append(f"unexpected HTTP answers: {self.http_unexpected_answers}")
+            if not self.http_acknowledged_lines:
+                p.append("no HTTP request was acknowledged")
+
+    def take_http(self, h: HttpFigures) -> None:
+        self.http_requests = h.requests
+        self.http_acknowledged_requests = h.acknowledged_requests
+        self.http_acknowledged_lines = h.acknowledged_lines
+        self.http_retries_503 = h.retries_503
+        self.http_retries_429 = h.retries_429
+        self.http_retries_refused = h.retries_refused
+        self.http_in_doubt_requests = h.in_doubt_requests
+        self.http_in_doubt_lines = h.in_doubt_lines
+        self.http_in_doubt_stored = h.in_doubt_stored
+        self.http_abandoned_lines = h.abandoned_lines
+        self.http_rows = h.rows
+        self.http_lost = h.lost
+        self.http_duplicated = h.duplicated
+        self.http_other_rows = h.other_rows
+        self.http_unexpected_answers = dict(h.unexpected_answers or {})
+        self.http_examples = list(h.examples or [])
 
     def lines(self) -> list[str]:
         out = [
@@ -241,6 +304,31 @@ class Figures:
                 f"{self.lost_copytruncate_race} during logrotate's copy..truncate, "
                 f"{self.lost_unread_at_truncate} not yet read when the file was truncated"
             )
+        if self.http_clients:
+            out += [
+                f"http intake:                {self.http_clients} clients, "
+                f"{self.http_requests} requests sent",
+                f"  acknowledged (202):       {self.http_acknowledged_lines} lines "
+                f"({self.http_acknowledged_requests} requests)",
+                f"  retries:                  {self.http_retries_503} after 503, "
+                f"{self.http_retries_429} after 429, {self.http_retries_refused} "
+                "connection refused",
+                f"  in doubt (no answer):     {self.http_in_doubt_lines} lines "
+                f"({self.http_in_doubt_requests} requests), {self.http_in_doubt_stored} "
+                "of them stored",
+                f"  rows stored:              {self.http_rows}",
+                f"  lost:                     {self.http_lost}",
+                f"  duplicated:               {self.http_duplicated}",
+                f"  other intake rows:        {self.http_other_rows}",
+            ]
+            if self.http_abandoned_lines:
+                out.append(
+                    f"  abandoned:                {self.http_abandoned_lines} lines "
+                    "(still refused at the end; none may be stored)"
+                )
+            if self.http_unexpected_answers:
+                out.append(f"  unexpected answers:       {self.http_unexpected_answers}")
+            out += [f"  e.g. {x}" for x in self.http_examples]
         if self.garbled_rows or self.dead_letters or self.logrotate_errors:
             out.append(
                 f"garbled rows: {self.garbled_rows}, dead letters: {self.dead_letters}, "
@@ -251,31 +339,6 @@ class Figures:
         out.append("result: PASS" if self.passed else "result: FAIL")
         out += [f"  - {p}" for p in self.problems]
         return out
-
-
-class HttpIntakeLoad:
-    """HOOK(http-intake): the HTTP intake under load from many clients (issue 6, part 5).
-
-    Not wired yet: the HTTP server (forwarder/http.py) is being written. To plug it in:
-    add its [http] section to `Chaos.write_config`, start `clients` tasks here that POST
-    batches of chaos lines (`chaos_line`, with w >= 1000 so their seq numbers differ
-    from the file writers') and journal each acknowledged batch like `writer_main`
-    does (a 503 is back-pressure: retry, journal only what was acknowledged), and let
-    `Chaos.verify` read those journals too. A line acknowledged with 2xx must then be
-    stored exactly once across every kill and restart (the spool's promise).
-    """
-
-    def __init__(self, clients: int) -> None:
-        self.clients = clients
-
-    async def start(self) -> None:
-        if self.clients:
-            raise NotImplementedError(
-                "HTTP intake load is not wired yet (HOOK(http-intake) in tests/chaos/run.py)"
-            )
-
-    async def stop(self) -> None:
-        return None
 
 
 class Chaos:
@@ -311,7 +374,10 @@ class Chaos:
         self.pause = self.ctx.Value("i", 0)
         self.busy = [self.ctx.Value("i", 0) for _ in range(args.writers)]
         self.writers: list[Any] = []
-        self.http = HttpIntakeLoad(args.http_clients)
+        self.fig.http_clients = args.http_clients
+        self.http_port = 0
+        self.http_token = secrets.token_hex(24)
+        self.http = HttpIntakeLoad(0)  # the real one once the port is known (setup)
         self.tasks: list[asyncio.Task[Any]] = []
 
     def log(self, what: str) -> None:
@@ -335,9 +401,43 @@ class Chaos:
                 f"{path} {{\n    rotate 1000\n    {mode}\n    missingok\n    nocompress\n}}\n"
             )
         self.config = self.work / "forwarder.toml"
-        self.write_config()
+        self.backfill_config = self.work / "forwarder-backfill.toml"
+        if self.args.http_clients:
+            self.http_port = free_port()
+            (self.work / "http.tokens").write_text(self.http_token + "\n")
+            self.http = HttpIntakeLoad(
+                self.args.http_clients,
+                url=f"http://127.0.0.1:{self.http_port}/logs/ingest",
+                token=self.http_token,
+                rate=self.args.http_rate,
+                seed=self.seed,
+                journal=self.work / "http.journal",
+                log=self.log,
+            )
+        self.write_config(self.config, http=bool(self.args.http_clients))
+        # --exit-on-eof never ends while the intake runs (a spool has no end of file);
+        # the final SIGTERM drains the spool, so the backfill reads the files only.
+        self.write_config(self.backfill_config, http=False)
 
-    def write_config(self) -> None:
+    def http_section(self) -> list[str]:
+        # Generous: 4 times what the clients send when every answer is 202, so 429 is an
+        # exception (a retry burst), not the load. One client IP for all of them.
+        offered_per_min = self.args.http_clients * self.args.http_rate * 60
+        return [
+            "[http]",
+            "enabled = true",
+            f'listen = "127.0.0.1:{self.http_port}"',
+            f"tokens_file = {orjson.dumps(str(self.work / 'http.tokens')).decode()}",
+            f"rate_per_min = {max(600, int(4 * offered_per_min))}",
+            f'service = "{HTTP_SERVICE}"',
+            f'source_name = "{HTTP_SOURCE}"',
+            "max_body_bytes = 65536",
+            # Small enough to fill during a long database outage (503 + Retry-After).
+            f"spool_max_bytes = {1024 * 1024}",
+            "retry_after_s = 1",
+        ]
+
+    def write_config(self, target: Path, *, http: bool) -> None:
         lines = [
             "[database]",
             f"dsn = {orjson.dumps(self.dsn).decode()}",
@@ -357,6 +457,8 @@ class Chaos:
             "[sampling]",
             "threshold_per_min = 1000000000",  # every line counts here
         ]
+        if http:
+            lines += self.http_section()
         for i, path in enumerate(self.paths):
             lines += [
                 "[[sources]]",
@@ -368,14 +470,31 @@ class Chaos:
                 "glob_interval_s = 0.05",
                 "rotate_wait_s = 1.0",
             ]
-        self.config.write_text("\n".join(lines) + "\n")
+        target.write_text("\n".join(lines) + "\n")
 
     # -- the forwarder -------------------------------------------------------------------
 
-    async def start_daemon(self, *args: str) -> Any:
+    async def start_daemon(self, *args: str, config: Path | None = None) -> Any:
         from tests.integration.daemon import Daemon
 
-        return await Daemon(self.config, *args).start()
+        daemon = Daemon(config or self.config, *args)
+        # Where this run's lines start in forwarder.stderr (every run appends to it).
+        daemon.log_from = daemon.log_path.stat().st_size if daemon.log_path.exists() else 0
+        return await daemon.start()
+
+    async def wait_started(self, daemon: Any, timeout_s: float = 30.0) -> bool:
+        """Until `daemon` has logged startup.sink, the last line before it installs its
+        signal handlers: a SIGTERM before that kills it outright (exit -15), with no
+        drain to test. False if it did not within timeout_s (or exited)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and daemon.proc.returncode is None:
+            with daemon.log_path.open("rb") as f:
+                f.seek(daemon.log_from)
+                if STARTED.search(f.read()):
+                    await asyncio.sleep(0.1)  # the handlers follow without an await
+                    return True
+            await asyncio.sleep(0.05)
+        return False
 
     async def watch_daemon(self) -> None:
         """Restart the forwarder whenever it exits without being asked to."""
@@ -414,6 +533,8 @@ class Chaos:
             old = self.daemon
             if old is None:
                 return
+            if not await self.wait_started(old):
+                self.log("SIGTERM forwarder: it did not log startup.sink within 30s")
             self.daemon = None
             try:
                 code = await old.stop()
@@ -684,11 +805,12 @@ class Chaos:
             await asyncio.sleep(0.2)
         async with self.daemon_lock:
             self.expected_exit = True
+            await self.wait_started(self.daemon)
             self.fig.final_stop_code = await self.daemon.stop()
         watch.cancel()
         poller.cancel()
         self.log(f"final SIGTERM: exit {self.fig.final_stop_code}")
-        backfill = await self.start_daemon("--exit-on-eof")
+        backfill = await self.start_daemon("--exit-on-eof", config=self.backfill_config)
         try:
             self.fig.final_backfill_code = await backfill.wait(300)
         except TimeoutError:
@@ -716,15 +838,21 @@ class Chaos:
         written = [(j[-1][2] + 1) if j else 0 for j in journals]
         self.fig.lines_written = sum(written)
         seen = [bytearray(n) for n in written]
+        http_seen = self.http.new_counts()
         conn = await asyncpg.connect(self.dsn)
         try:
             stored = garbled = 0
             async with conn.transaction():
                 async for r in conn.cursor(
-                    "SELECT event, (meta->>'w')::int AS w, (meta->>'n')::bigint AS n, "
-                    "(meta->>'seq')::bigint AS seq FROM system_logs",
+                    "SELECT service, event, (meta->>'w')::int AS w, (meta->>'n')::bigint AS n, "
+                    "(meta->>'seq')::bigint AS seq, "
+                    "CASE WHEN service = $1 THEN message END AS message FROM system_logs",
+                    HTTP_SERVICE,
                     prefetch=10_000,
                 ):
+                    if r["service"] == HTTP_SERVICE:
+                        self.http.count_row(http_seen, r)
+                        continue
                     stored += 1
                     w, n = r["w"], r["n"]
                     if (
@@ -746,6 +874,9 @@ class Chaos:
             await conn.close()
         self.fig.rows_stored = stored
         self.fig.garbled_rows = garbled
+        if self.args.http_clients:
+            self.http.judge_counts(http_seen)
+            self.fig.take_http(self.http.fig)
         for w, counts in enumerate(seen):
             firsts = [b[1] for b in journals[w]]
             for n, c in enumerate(counts):
@@ -784,6 +915,8 @@ class Chaos:
     async def cleanup(self) -> None:
         for task in self.tasks:
             task.cancel()
+        with contextlib.suppress(Exception):
+            await self.http.aclose()
         self.stop_writers.set()
         for p in self.writers:
             if p.is_alive():
@@ -799,6 +932,15 @@ class Chaos:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.server.stop)
         self.action_log.close()
+
+
+def free_port() -> int:
+    """A port nothing listens on now (kept for the whole run: every restart binds it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -822,7 +964,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "rotation, so nothing may be lost; race: logrotate at any moment, losses in the "
         "documented window counted apart (default pause)",
     )
-    p.add_argument("--http-clients", type=int, default=0, help="HOOK(http-intake): not wired yet")
+    p.add_argument(
+        "--http-clients",
+        type=int,
+        default=0,
+        help="concurrent clients POSTing to the HTTP intake (default 0: no HTTP)",
+    )
+    p.add_argument(
+        "--http-rate",
+        type=float,
+        default=10.0,
+        help="requests/s per HTTP client, 1..20 lines each (default 10)",
+    )
     p.add_argument("--workdir", type=Path, help="work folder (default: a new temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the work folder even on success")
     p.add_argument("--json", type=Path, help="also write the figures as JSON here")
@@ -835,6 +988,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--files must be at least 2 (one create, one copytruncate)")
     if args.writers < 1:
         p.error("--writers must be at least 1")
+    if args.http_clients < 0 or args.http_clients > 200:
+        p.error("--http-clients must be 0..200")
+    if args.http_rate <= 0:
+        p.error("--http-rate must be more than 0")
     return args
 
 
@@ -844,9 +1001,6 @@ async def amain(args: argparse.Namespace) -> int:
             f"{LOGROTATE} is missing: install Debian's logrotate (.ci/install-chaos-tools)",
             file=sys.stderr,
         )
-        return 2
-    if args.http_clients:
-        print("--http-clients: HOOK(http-intake) is not wired yet", file=sys.stderr)
         return 2
     work = args.workdir or Path(tempfile.mkdtemp(prefix="forwarder-chaos-"))
     work.mkdir(parents=True, exist_ok=True)

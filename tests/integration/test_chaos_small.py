@@ -1,8 +1,10 @@
 """The chaos suite (tests/chaos/run.py) at a small size: about 45 s on 2 cores.
 
 Its own embedded PostgreSQL (restarted with pg_ctl during the run), a real forwarder
-killed with SIGKILL and restarted, real logrotate in create and copytruncate modes;
-at the end every written line must be stored exactly once. The seed is fixed so a
+killed with SIGKILL and restarted, real logrotate in create and copytruncate modes,
+and 4 clients POSTing to its HTTP intake throughout; at the end every written line
+and every acknowledged (202) HTTP line must be stored exactly once, and an HTTP line
+whose answer was lost at most once. The seed is fixed so a
 failure replays the same schedule; FORWARDER_CHAOS_SEED tries another one.
 """
 
@@ -65,6 +67,8 @@ def test_small_chaos_run_stores_every_line_exactly_once(tmp_path: Path, workdir:
             "250",
             "--interval",
             "1.5",
+            "--http-clients",
+            "4",
             "--seed",
             seed,
             "--workdir",
@@ -89,6 +93,13 @@ def test_small_chaos_run_stores_every_line_exactly_once(tmp_path: Path, workdir:
     assert fig["db_restarts_fast"] >= 1 and fig["db_restarts_immediate"] >= 1, report
     assert fig["rotations_create"] + fig["rotations_copytruncate"] >= 2, report
     assert fig["unexpected_exits"] == [], report
+    # The HTTP intake under load: acknowledged lines exactly once, in-doubt at most once.
+    assert fig["http_acknowledged_lines"] > 2000, report
+    assert (fig["http_lost"], fig["http_duplicated"], fig["http_other_rows"]) == (0, 0, 0), report
+    assert fig["http_unexpected_answers"] == {}, report
+    stored = fig["http_acknowledged_lines"] + fig["http_in_doubt_stored"]
+    assert fig["http_rows"] == stored, report
+    assert fig["http_retries_refused"] > 0, report  # it did post while the daemon was down
 
 
 def _post_mortem(work: Path) -> str:
