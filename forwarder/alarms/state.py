@@ -32,6 +32,7 @@ import orjson
 from forwarder.alarms.config import ThresholdAlarmConfig
 from forwarder.alarms.rules import MAX_SAMPLES, Alert, FiringRow, ProbeOutcome
 from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream
+from forwarder.sinks.postgres import forget_traceback
 from forwarder.sinks.schema import Names
 
 log = logging.getLogger(__name__)
@@ -388,6 +389,7 @@ class AlertRecorder:
                     await write_alert(conn, self.names, item)
                 self.rows_written += 1
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                forget_traceback(e)  # its name is all we log; a kept traceback is a cycle
                 self.write_errors += 1
                 log.warning(
                     "could not write the system_checks row of %s (%s): %s",

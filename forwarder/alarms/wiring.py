@@ -30,7 +30,7 @@ from forwarder.alarms.state import AlertRecorder, load_firing, record_probe_resu
 from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream
-from forwarder.sinks.postgres import PostgresSink
+from forwarder.sinks.postgres import PostgresSink, forget_traceback
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,7 @@ class Alarms:
                 async with sink.pool.acquire(timeout=5) as conn:
                     await record_probe_result(conn, sink.names, result)
             except Exception as e:  # history must not stop the alarms; the row is lost
+                forget_traceback(e)  # its name is all we log; a kept traceback is a cycle
                 log.warning(
                     "could not record the result of probe %s: %s",
                     result.probe,
