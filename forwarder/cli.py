@@ -35,8 +35,10 @@ RUN_EPILOG = """\
 The daemon creates or upgrades its tables at start, then tails every [[sources]]
 entry and writes each line as one row. SIGTERM or SIGINT drains: sources stop, the
 last batch commits, exit 0; a second signal, or daemon.drain_timeout_s, forces exit 1.
-SIGHUP reads the config again: [sampling] and the [[alarms]] rules change in place; an
-invalid file is refused and logged, and the running configuration stays.
+SIGHUP reads the config again: [[sources]] (removed, added, changed: no line lost or
+read twice), notifiers, probes, [sampling] and the [[alarms]] rules change in place;
+other sections are logged as needing a restart. An invalid file is refused and
+logged, and the running configuration stays.
 With --exit-on-eof every file is read to its end once (a backfill), then the daemon
 exits 0; on a terminal it shows bytes done / total and lines per second.
 
