@@ -159,6 +159,9 @@ async def run(
     `reload` re-reads the configuration on SIGHUP (it raises ConfigError when invalid).
     """
     clock = clock or SystemClock()
+    # SIGHUP's default action ends the process: one sent during start-up (a deploy
+    # script, logrotate's postrotate) or the drain must not; the supervisor reloads.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     database = await open_database(settings.database)
     try:
         return await _run_pipeline(
@@ -517,6 +520,7 @@ async def _supervise(
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not back to SIG_DFL (see run)
         if deadline is not None:
             deadline.cancel()
         for task in list(reloads):  # a reload waiting on the database ends with the daemon

@@ -159,6 +159,9 @@ class SourceSet:
             await flush()
             failed: list[tuple[str, Exception]] = []
             for name in starting:
+                if name in self._running:  # e.g. the intake's name: never replaced
+                    failed.append((name, ValueError("the name is taken by another source")))
+                    continue
                 try:
                     source = await build(configs[name])
                 except Exception as e:  # a bad new source must not stop the others

@@ -245,3 +245,42 @@ async def test_a_reload_during_a_database_outage_waits_for_queued_lines_then_app
     services = [r["service"] for r in got if r["message"].endswith("file a")]
     # lines a read before the outage are alpha's, lines written after the reload alpha2's
     assert services.count("alpha") >= 100 and services.count("alpha2") >= 100
+
+
+async def test_a_sighup_during_start_up_or_the_drain_does_not_end_the_daemon(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    """SIGHUP's default action ends a process, and logrotate's postrotate may send one
+    at any moment. Here start-up waits for an unreachable database (a long window)."""
+    import socket
+
+    from tests.integration.tcp_proxy import PgProxy
+
+    proxy = PgProxy(pg_dsn)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        proxy.port = s.getsockname()[1]  # nothing listens there until proxy.up()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    paths = {"a": logs / "a.log"}
+    paths["a"].touch()
+    config = tmp_path / "f.toml"
+    write_config(config, dsn=proxy.proxied_dsn(), schema=pg_schema, files={},
+                 extra=source("a", paths["a"], "alpha"))  # fmt: skip
+    daemon = await Daemon(config).start()
+    try:
+        Writers(paths).append(10)
+        await wait_until(lambda: "retrying" in daemon.stderr(), what="start-up waiting")
+        for _ in range(3):
+            daemon.signal(signal.SIGHUP)
+        await proxy.up()
+        await wait_until(lambda: _stored_is(pg_dsn, pg_schema, 10), what="rows")
+        assert daemon.proc is not None and daemon.proc.returncode is None
+        daemon.signal(signal.SIGTERM)
+        for _ in range(20):  # into the drain
+            daemon.signal(signal.SIGHUP)
+        code = await daemon.wait(30)
+    finally:
+        await daemon.stop()
+        await proxy.down()
+    assert code == 0, daemon.stderr()

@@ -130,3 +130,24 @@ async def test_a_backfill_ends_when_every_source_has_returned_and_is_never_repla
 async def _drain(q: asyncio.Queue[Any]) -> None:
     while True:
         await q.get()
+
+
+async def test_a_new_source_cannot_take_the_name_of_one_that_is_never_reloaded() -> None:
+    journal: list[str] = []
+    stop = asyncio.Event()
+    sources = SourceSet(asyncio.Queue(), stop)
+    sources.add("http", Counter("http", journal))  # the intake: no config
+    running = asyncio.create_task(sources.run())
+    await asyncio.sleep(0)
+
+    async def build(config: dict[str, Any]) -> Counter:
+        return Counter("file", journal)
+
+    async def flush() -> None:
+        pass
+
+    with pytest.raises(SourceStartError, match="source http could not start: the name is taken"):
+        await sources.replace({"http": {"v": 1}}, build, flush)
+    assert [s.name for s in sources] == ["http"]
+    stop.set()
+    await asyncio.wait_for(running, 5)
