@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, IPvAnyNetwork, SecretStr
 from pydantic.fields import FieldInfo
 
 from forwarder.config import Settings
@@ -186,6 +186,7 @@ def _type_name(annotation: Any) -> str:
         bool: "boolean",
         Path: "path",
         SecretStr: "string (secret)",
+        IPvAnyNetwork: "IP network",
     }
     if annotation in names:
         return names[annotation]
@@ -195,7 +196,12 @@ def _type_name(annotation: Any) -> str:
 def _plural(name: str) -> str:
     if name.startswith("one of "):
         return "values from " + name.removeprefix("one of ")
-    return {"string": "strings", "integer": "integers", "number": "numbers"}.get(name, name)
+    return {
+        "string": "strings",
+        "integer": "integers",
+        "number": "numbers",
+        "IP network": "IP networks (or addresses)",
+    }.get(name, name)
 
 
 def _bounds(metadata: list[Any], unit: str) -> Iterator[str]:

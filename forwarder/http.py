@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -350,6 +351,39 @@ def _unauthorized() -> web.Response:
 # --- POST /logs/ingest ---------------------------------------------------------------------
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def client_address(
+    peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[IPNetwork]
+) -> str:
+    """The address a request comes from, for the rate limit.
+
+    The peer, unless it is a trusted proxy: then X-Forwarded-For is read from the right
+    (each proxy appends the address it got the request from), skipping trusted proxies;
+    the first other entry is the client. Entries left of it are the client's own word
+    and are never believed. All trusted: the leftmost entry.
+    """
+    if peer is None:
+        return "unknown"
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer
+    hops = [hop.strip() for header in forwarded_for for hop in header.split(",")]
+    hops = [hop for hop in hops if hop]
+    for hop in reversed(hops):
+        if not _is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # not an address (garbage in the header): never a trusted proxy
+        return False
+    return any(ip in network for network in trusted)
+
+
 async def _ingest(request: web.Request) -> web.StreamResponse:
     state = request.app[CONTEXT]
     ctx, config = state.ctx, state.config
@@ -363,7 +397,10 @@ async def _ingest(request: web.Request) -> web.StreamResponse:
     if intake is None:
         return refuse("disabled", _error(404, "the intake is not enabled on this forwarder"))
     if state.limiter is not None:
-        wait_s = state.limiter.admit(request.remote or "unknown", ctx.clock.monotonic())
+        client = client_address(
+            request.remote, request.headers.getall("X-Forwarded-For", []), config.trusted_proxies
+        )
+        wait_s = state.limiter.admit(client, ctx.clock.monotonic())
         if wait_s > 0:
             retry = max(1, math.ceil(wait_s))
             return refuse(

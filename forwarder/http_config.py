@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, IPvAnyNetwork, field_validator, model_validator
 
 from forwarder.alarms.secrets import MAX_SECRET_FILE_BYTES
 from forwarder.config_types import Name, Section
@@ -86,6 +86,12 @@ class HttpConfig(Section):
         ge=0,
         description="POST /logs/ingest requests per minute per client IP (bursts up to "
         "the same number); over it: 429 with Retry-After; 0 disables the limit",
+    )
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description='reverse proxies in front of the forwarder, e.g. "10.0.0.0/8": for '
+        "a request from one of them the client IP (for the rate limit) is the rightmost "
+        "X-Forwarded-For address that is not a trusted proxy; empty: the peer's address",
     )
     service: Name = Field("ui", description="service written on every row from POST /logs/ingest")
     source_name: Name = Field(

@@ -415,6 +415,25 @@ async def test_over_the_rate_is_429_with_retry_after_until_the_clock_moves(
     assert (await h.post(one)).status == 202
 
 
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_rate(
+    make_http: HttpFactory,
+) -> None:
+    """The test client connects from 127.0.0.1, configured as the reverse proxy."""
+    h = await make_http(config={"rate_per_min": 1, "trusted_proxies": ["127.0.0.0/8"]})
+    one = {"message": "m", "level": "info"}
+
+    def from_(client: str) -> dict[str, str]:
+        return {"X-Forwarded-For": f"6.6.6.6, {client}"}  # the left entry is a lie
+
+    assert (await h.post(one, headers=from_("198.51.100.1"))).status == 202
+    assert (await h.post(one, headers=from_("198.51.100.1"))).status == 429
+    assert (await h.post(one, headers=from_("198.51.100.2"))).status == 202
+    # without trusted_proxies the header is not read (a spool of its own: source_name)
+    untrusted = await make_http(config={"rate_per_min": 1, "source_name": "other"})
+    assert (await untrusted.post(one, headers=from_("198.51.100.1"))).status == 202
+    assert (await untrusted.post(one, headers=from_("198.51.100.2"))).status == 429
+
+
 async def test_a_full_spool_is_503_with_retry_after(make_http: HttpFactory) -> None:
     h = await make_http(
         config={"spool_max_bytes": 1024 * 1024, "max_body_bytes": 256 * 1024},
