@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from forwarder import __version__
 from forwarder.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, DSN_ENV, ConfigError, load_config
@@ -127,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="list firing alarms, or reset them",
         description="List the firing alarms recorded in system_checks, or reset them: "
         "--reset RULE (or --all) writes an ok row for each, the strategy's "
-        "check_alerts.py --reset. After the runbook's procedure is applied.",
+        "check_alerts.py --reset. After the runbook's procedure is applied. With [http] "
+        "on, the reset goes through the running daemon (its memory and the rows); with "
+        "no daemon answering there, into the database directly.",
     )
     alerts.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
     which = alerts.add_mutually_exclusive_group()
@@ -399,15 +402,33 @@ def cmd_alerts(args: argparse.Namespace) -> int:
             return await state.reset(conn, names, SystemClock().now(), rule=rule)
         return await state.load_firing(conn, names)
 
+    resetting = bool(args.reset or args.all)
     try:
+        # A running daemon holds the firing state in memory: reset it there (it writes
+        # the ok rows too); only with no daemon answering, write the rows directly.
+        done = _reset_in_daemon(settings, rule) if resetting else None
+        if done is not None:
+            for f in done["cleared"]:
+                print(f"reset {f['rule']}" + (f" [{f['group']}]" if f.get("group") else ""))
+            print(
+                f"{done['rows_written']} alarm(s) reset in the running daemon "
+                f"({done['resolved']} resolved in its memory)"
+            )
+            return 0
         rows = _with_connection(settings, work)
     except CommandError as e:
         print(f"forwarder alerts: {e}", file=sys.stderr)
         return 1
-    if args.reset or args.all:
+    if resetting:
         for f in rows:
             print(f"reset {f.rule}" + (f" [{f.group}]" if f.group else ""))
-        print(f"{len(rows)} alarm(s) reset; a running daemon resolves them on its own")
+        print(f"{len(rows)} alarm(s) reset in system_checks")
+        if not settings.http.enabled:
+            print(
+                "note: [http] is off, so a running daemon was not told: it keeps them firing "
+                "until they resolve (POST /alerts/RULE/reset reaches it when [http] is on)",
+                file=sys.stderr,
+            )
         return 0
     if not rows:
         print("no alarm is firing")
@@ -421,6 +442,43 @@ def cmd_alerts(args: argparse.Namespace) -> int:
         for sample in f.samples:
             print(f"        {sample}")
     return 0
+
+
+def _reset_in_daemon(settings: Any, rule: str | None) -> dict[str, Any] | None:
+    """POST the reset to the daemon's [http] listener; None when none listens there."""
+    import aiohttp
+
+    from forwarder.http_config import TokenError
+
+    http = settings.http
+    host, port = http.host_port
+    if not http.enabled or port == 0:
+        return None
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    path = "/alerts/reset" if rule is None else f"/alerts/{quote(rule, safe='')}/reset"
+    try:
+        tokens = sorted(http.load_tokens())
+    except TokenError as e:
+        raise CommandError(str(e)) from None
+    headers = {"Authorization": f"Bearer {tokens[0]}"} if tokens else {}
+
+    async def post() -> dict[str, Any] | None:
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout) as client:
+            try:
+                async with client.post(f"http://{where}{path}", headers=headers) as r:
+                    body = await r.json(content_type=None)
+                    if r.status != 200:
+                        error = body.get("error") if isinstance(body, dict) else body
+                        raise CommandError(f"the daemon at {where} answered {r.status}: {error}")
+                    return dict(body)
+            except aiohttp.ClientConnectorError:
+                return None  # no daemon running (or not on this host)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                raise CommandError(f"the daemon at {where} did not answer: {e!r}") from None
+
+    return _run_async(post())
 
 
 def cmd_check_alerts(args: argparse.Namespace) -> int:

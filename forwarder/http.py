@@ -16,7 +16,7 @@ Endpoints (JSON unless said otherwise; every refusal is {"error": "...", ...}):
     GET  /logs/recent?service=&level=&since=15m&limit=50
     GET  /summary?window=15m&series=1h&bucket=60s
     GET  /alerts
-    POST /alerts/{rule}/reset
+    POST /alerts/{rule}/reset   (POST /alerts/reset: every rule)
     GET  /                       the status page (static/index.html, status.css, status.js)
     GET  /ui-logger.js           the browser snippet (forwarder/producers/ui-logger.js)
 
@@ -171,6 +171,7 @@ def build_app(ctx: HttpContext) -> web.Application:
     app.router.add_get("/summary", _summary)
     app.router.add_get("/alerts", _alerts)
     app.router.add_post("/alerts/{rule}/reset", _reset)
+    app.router.add_post("/alerts/reset", _reset)  # every rule
     app.router.add_get("/", _page)
     app.router.add_get("/static/{name}", _static)
     app.router.add_get("/ui-logger.js", _ui_logger)
@@ -664,8 +665,8 @@ async def _reset(request: web.Request) -> web.StreamResponse:
     ctx = state.ctx
     if not _authorized(state, request):
         return _unauthorized()
-    rule = request.match_info["rule"]
-    if not rule or len(rule) > MAX_RULE_CHARS:
+    rule = request.match_info.get("rule")  # None: every rule
+    if rule is not None and (not rule or len(rule) > MAX_RULE_CHARS):
         return _error(400, f"rule: 1 to {MAX_RULE_CHARS} characters", param="rule")
     now = ctx.clock.now()
     try:
@@ -686,7 +687,7 @@ async def _reset(request: web.Request) -> web.StreamResponse:
         return _error(404, f"no alarm rule named {rule!r}", rule=rule)
     log.info(
         "alarm %s reset over HTTP (%d in memory, %d system_checks rows)",
-        rule,
+        rule or "(every rule)",
         len(cleared),
         len(cleared_rows),
         extra={"component": COMPONENT, "event": "alarm.reset", "rule": rule},

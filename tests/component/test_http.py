@@ -862,6 +862,20 @@ async def test_reset_clears_memory_and_writes_the_ok_rows(
     )
 
 
+async def test_reset_without_a_rule_clears_every_alarm(
+    make_http: HttpFactory, pg_conn: asyncpg.Connection
+) -> None:
+    h = await make_http()
+    await alarm_state.write_alert(pg_conn, h.sink.names, firing_alert(h.clock.now()))
+    assert (await h.client.post("/alerts/reset")).status == 401
+    r = await h.client.post("/alerts/reset", headers=AUTH)
+    assert r.status == 200
+    body = await r.json()
+    assert (body["rule"], body["resolved"], body["rows_written"]) == (None, 1, 1)
+    assert h.engine.firing() == []
+    assert await alarm_state.load_firing(pg_conn, h.sink.names) == []
+
+
 async def test_reads_answer_503_while_the_database_is_unreachable(
     make_http: HttpFactory,
 ) -> None:

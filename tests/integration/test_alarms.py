@@ -320,3 +320,74 @@ async def _probe_rows(dsn: str, schema: str, at_least: int = 3) -> bool:
     finally:
         await conn.close()
     return ok >= 1 and failed >= at_least
+
+
+RESET_ALARM = """
+[[alarms]]
+name = "api_error_burst"
+type = "threshold"
+match = {{ service = "api", level = "ERROR" }}
+threshold = 5
+window_s = 60
+resolve_after_s = 3600
+
+[http]
+enabled = true
+listen = "127.0.0.1:{port}"
+tokens_file = "{tokens}"
+"""
+
+
+async def test_alerts_reset_reaches_the_running_daemon_so_the_alarm_fires_again(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    """Reset through the daemon (memory and rows): the next burst is a new firing. With
+    no daemon answering, the CLI writes the ok rows itself."""
+    import asyncio
+
+    from tests.integration.test_cli import forwarder
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("token-for-the-cli-0123456789\n")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = write_config(tmp_path / "f.toml", dsn=pg_dsn, schema=pg_schema,
+                          files={"api": [str(logs / "api.log")]},
+                          extra=RESET_ALARM.format(port=_free_port(), tokens=tokens))  # fmt: skip
+
+    def burst() -> None:
+        with (logs / "api.log").open("ab") as f:
+            f.write(b"".join(line("ERROR", f"db timeout {i}") for i in range(5)))
+
+    daemon = await Daemon(config).start()
+    try:
+        burst()
+        await wait_until(lambda: _checks_are(pg_dsn, pg_schema, "failed", 1), what="firing")
+        reset = await asyncio.to_thread(
+            forwarder, "alerts", "--config", str(config), "--reset", "api_error_burst"
+        )
+        assert reset.returncode == 0, reset.stderr
+        assert "1 alarm(s) reset in the running daemon (1 resolved in its memory)" in reset.stdout
+        burst()  # a new firing, not the old one going on
+        await wait_until(lambda: _checks_are(pg_dsn, pg_schema, "failed", 2), what="refiring")
+    finally:
+        code = await daemon.stop()
+    assert code == 0, daemon.stderr()
+    again = await asyncio.to_thread(forwarder, "alerts", "--config", str(config), "--all")
+    assert again.returncode == 0, again.stderr
+    assert "1 alarm(s) reset in system_checks" in again.stdout
+
+
+async def _checks_are(dsn: str, schema: str, status: str, n: int) -> bool:
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
+    try:
+        count = await conn.fetchval(
+            "SELECT count(*) FROM system_checks WHERE name = 'api_error_burst' AND status = $1",
+            status,
+        )
+    except asyncpg.UndefinedTableError:
+        return False
+    finally:
+        await conn.close()
+    assert count <= n, f"{count} {status} rows, expected {n}"
+    return count == n
