@@ -402,7 +402,8 @@ async def reload_config(pipeline: Pipeline, load: Callable[[], Settings]) -> Non
             else:  # the alarm engine starts (or stops) listening only at start
                 restart.append("alarms")
         failed = []
-        if new.sources != old.sources:
+        # Against what runs, not the old file: a source that failed to start is retried.
+        if {cfg.name: cfg for cfg in new.sources} != pipeline.sources.configs():
             if pipeline.exit_on_eof:
                 restart.append("sources")  # a backfill reads a fixed set to its end
             else:
