@@ -215,7 +215,45 @@ class DockerSourceConfig(TailConfig):
     )
 
 
-SourceConfig = Annotated[FileSourceConfig | DockerSourceConfig, Field(discriminator="type")]
+class StdinSourceConfig(Section):
+    """Standard input as a source (`some_app | forwarder run`); one at most.
+
+    Every line read goes to a disk spool (data_dir/spool/stdin-<name>) first: a pipe
+    cannot be read again, so what was read is replayed from there after a crash.
+    """
+
+    type: Literal["stdin"]
+    name: Name = Field(
+        description="unique source name; keys the spool checkpoint and names the spool "
+        "folder data_dir/spool/stdin-<name>"
+    )
+    service: Name = Field(description="service written on every row from this source")
+    format: Literal["raw", "docker", "cri"] = Field(
+        "raw",
+        description='line framing, as for file sources: "raw", "docker" (json-file lines), '
+        '"cri" (containerd/Kubernetes lines)',
+    )
+    max_line_bytes: int = Field(
+        1_048_576,
+        ge=256,
+        le=1_048_576,
+        description="longer lines are cut here and flagged meta.truncated (1 MiB at most: "
+        "one spool record)",
+    )
+    multiline: MultilineConfig = Field(
+        default_factory=MultilineConfig, description="grouping of tracebacks into one record"
+    )
+    spool_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=16 * 1024 * 1024,
+        description="bytes the spool may hold while the database is behind; when full, "
+        "standard input is not read (the writer blocks) until commits make room",
+    )
+
+
+SourceConfig = Annotated[
+    FileSourceConfig | DockerSourceConfig | StdinSourceConfig, Field(discriminator="type")
+]
 
 
 class Settings(BaseSettings):
@@ -299,9 +337,21 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Settings:
             f"http.source_name: {settings.http.source_name!r} is also the name of a "
             "[[sources]] entry; the intake needs a name of its own"
         )
+    problems.extend(_stdin_problems(settings.sources))
     if problems:
         raise ConfigError(source, problems)
     return settings
+
+
+def _stdin_problems(sources: list[Any]) -> list[str]:
+    """There is one standard input: a second stdin source is an error naming its key."""
+    stdin = [i for i, cfg in enumerate(sources) if isinstance(cfg, StdinSourceConfig)]
+    return [
+        f'sources[{i}].type: "stdin" is already the type of sources[{stdin[0]}] '
+        f"({sources[stdin[0]].name!r}); there is one standard input, so at most one "
+        "stdin source"
+        for i in stdin[1:]
+    ]
 
 
 def _describe(err: Mapping[str, Any], data: Mapping[str, Any]) -> str:
@@ -314,7 +364,7 @@ def _describe(err: Mapping[str, Any], data: Mapping[str, Any]) -> str:
     if kind == "union_tag_invalid":
         return f"{path}.type: {err['msg']}"
     if kind == "union_tag_not_found":
-        return f"{path}.type: required key is missing (one of: file, docker)"
+        return f"{path}.type: required key is missing (one of: file, docker, stdin)"
     msg = err["msg"].removeprefix("Value error, ")
     if "input" in err and kind not in ("missing",) and not _is_secret(err["loc"]):
         return f"{path}: {msg} (got {err['input']!r})"

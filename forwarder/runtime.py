@@ -31,6 +31,7 @@ from forwarder.config import (
     DockerSourceConfig,
     FileSourceConfig,
     Settings,
+    StdinSourceConfig,
 )
 from forwarder.event import EventChunk, RawChunk
 from forwarder.http import EngineAlarmControl, HttpContext, build_app, start_http, stop_http
@@ -47,6 +48,7 @@ from forwarder.sources.base import Source
 from forwarder.sources.docker import build_docker_source
 from forwarder.sources.file import FileSource, own_output_identities
 from forwarder.sources.running import SourceFactory, SourceSet, SourceStartError
+from forwarder.sources.stdin import StdinSource
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +195,24 @@ async def _run_pipeline(
             log.info("migrate: %s", action, extra={"component": "database"})
         own_output = own_output_identities()
 
-        async def build_source(cfg: FileSourceConfig | DockerSourceConfig) -> Source:
+        async def build_source(
+            cfg: FileSourceConfig | DockerSourceConfig | StdinSourceConfig,
+        ) -> Source:
             """A source resuming from the positions committed under its name."""
             checkpoints = await sink.load_checkpoints(cfg.name)
+            if isinstance(cfg, StdinSourceConfig):
+                name = cfg.name
+                try:
+                    return StdinSource(
+                        cfg,
+                        db.data_dir,
+                        clock,
+                        checkpoints,
+                        exit_on_eof=exit_on_eof,
+                        committed=lambda: sink.load_checkpoints(name),
+                    )
+                except (OSError, SpoolError) as e:
+                    raise StartupError(f"cannot open the spool of source {name}: {e}") from None
             options = {"exit_on_eof": exit_on_eof, "ignore_identities": own_output}
             if isinstance(cfg, DockerSourceConfig):
                 return build_docker_source(cfg, checkpoints, clock, **options)
@@ -340,6 +357,15 @@ def _log_startup(settings: Settings, database: Database) -> None:
         extra={"component": "runtime", "event": "startup.alarms"},
     )
     for cfg in settings.sources:
+        if isinstance(cfg, StdinSourceConfig):
+            log.info(
+                "source %s (%s): reading standard input as service %s",
+                cfg.name,
+                cfg.type,
+                cfg.service,
+                extra={"component": "runtime", "event": "startup.source", "source": cfg.name},
+            )
+            continue
         if isinstance(cfg, DockerSourceConfig):
             where = (
                 f"containers in {cfg.containers_dir}"
