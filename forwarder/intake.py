@@ -13,8 +13,9 @@ Three parts:
 * `Intake`: the component. `accept` appends the lines to a disk spool
   (`sinks/spool.py`, data_dir/spool/http-<source_name>) and returns once they are
   durable (the 202); `run` is a `Source` for the runtime: it reads the spool from the
-  committed position and puts RawChunks carrying the spool position on the raw
-  queue, so the sink commits the rows and the spool checkpoint in one transaction.
+  committed position (`SpoolFeeder`, sources/spooled.py) and puts RawChunks carrying
+  the spool position on the raw queue, so the sink commits the rows and the spool
+  checkpoint in one transaction.
   After a restart the spool is replayed from that checkpoint; committed segments are
   deleted. On stop, new requests are refused (503), appends in flight finish, the
   rest of the spool is fed, and `run` returns.
@@ -30,7 +31,7 @@ import contextlib
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,22 +40,17 @@ from typing import Any, Final
 import orjson
 
 from forwarder.clock import Clock
-from forwarder.event import Position, RawChunk
+from forwarder.event import Position
 from forwarder.http_config import HttpConfig
-from forwarder.pipeline.stage import Marker
+from forwarder.pipeline.multiline import PassThrough
 from forwarder.sinks.spool import (
-    CHECKPOINT_STREAM,
-    START,
     FsyncMode,
-    SpoolBatch,
     SpoolFull,
     SpoolPosition,
-    SpoolReader,
     SpoolRecord,
     SpoolWriter,
-    from_checkpoint,
-    to_checkpoint,
 )
+from forwarder.sources.spooled import CommittedReader, SpoolFeeder, resume_position
 
 __all__ = [
     "MAX_META_DEPTH",
@@ -76,9 +72,6 @@ STREAM: Final = "http"  # SpoolRecord.stream of every intake record
 MAX_META_DEPTH: Final = 32  # nesting of meta (and of extra keys folded into it)
 EVENT_MAX_CHARS: Final = 200
 USER_AGENT_MAX_CHARS: Final = 512
-CHUNK_LINES: Final = 500
-ACK_INTERVAL_S: Final = 2.0
-ACK_TIMEOUT_S: Final = 5.0
 # Timestamps outside these bounds are a client bug (a clock at 0, ms taken for s...).
 TS_MIN: Final = datetime(2000, 1, 1, tzinfo=UTC)
 TS_MAX: Final = datetime(2100, 1, 1, tzinfo=UTC)
@@ -376,10 +369,6 @@ class Accepted:
     position: SpoolPosition
 
 
-# Reads the committed checkpoints of the intake's source: the sink's load_checkpoints.
-CommittedReader = Callable[[], Awaitable[Mapping[str, Position]]]
-
-
 class Intake:
     """The HTTP intake's spool and its feed into the pipeline (a `Source`).
 
@@ -404,7 +393,6 @@ class Intake:
         self.name = config.source_name
         self.service = config.service
         self._clock = clock
-        self._committed = committed
         self.folder = spool_folder(data_dir, self.name)
         self.writer = SpoolWriter(
             self.folder,
@@ -412,20 +400,17 @@ class Intake:
             segment_bytes=segment_bytes or min(8 * 1024 * 1024, config.spool_max_bytes // 8),
             fsync=fsync,
         )
-        self.reader = SpoolReader(self.folder)
-        start = from_checkpoint((checkpoints or {}).get(CHECKPOINT_STREAM), self.writer.spool_id)
-        if start is not None and start.segment >= self.writer.first_segment:
-            log.warning(
-                "checkpoint %s is ahead of the spool %s: reading it from its start",
-                start,
-                self.folder,
-                extra={"component": COMPONENT},
-            )
-            start = None
-        self._start = start or START
-        self._fed_to = self._start
-        self._acked_to: SpoolPosition | None = None
-        self._appended = asyncio.Event()
+        self._start = resume_position(checkpoints or {}, self.writer)
+        # The records as accepted: one a line, nothing to group.
+        self.feeder = SpoolFeeder(
+            self.name,
+            self.service,
+            self.writer,
+            PassThrough(),
+            self._start,
+            clock,
+            committed=committed,
+        )
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -435,7 +420,6 @@ class Intake:
         # counters
         self.requests_accepted = 0
         self.events_accepted = 0
-        self.lines_fed = 0
         self.spool_full = 0
 
     def __repr__(self) -> str:
@@ -473,7 +457,7 @@ class Intake:
                 self._idle.set()
         self.requests_accepted += 1
         self.events_accepted += len(lines)
-        self._appended.set()
+        self.feeder.appended()
         return Accepted(len(lines), end)
 
     # -- the Source side --
@@ -485,75 +469,27 @@ class Intake:
         self._state = "ok"
         try:
             async with asyncio.TaskGroup() as tg:
-                feeding = tg.create_task(self._feed(out, stop), name=f"{self.name}.feed")
-                if self._committed is not None:
-                    tg.create_task(self._acknowledge(feeding), name=f"{self.name}.ack")
+                feeding = tg.create_task(self.feeder.run(out), name=f"{self.name}.feeder")
+                tg.create_task(self._finish(stop, feeding), name=f"{self.name}.finish")
         finally:
             self._closing = True
             self._state = "stopped"
 
-    async def _feed(self, out: asyncio.Queue[RawChunk | Marker], stop: asyncio.Event) -> None:
-        pos = self._fed_to
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            while True:
-                self._appended.clear()
-                until = self.writer.position
-                batch = await asyncio.to_thread(
-                    self.reader.read, pos, until, max_records=CHUNK_LINES
-                )
-                if batch.records or batch.position != pos:
-                    await out.put(self._chunk(batch))
-                    pos = self._fed_to = batch.position
-                    self.lines_fed += len(batch.records)
-                    continue
-                if self._closing and not self._in_flight and self.writer.position == until:
-                    return  # stopping: everything appended is fed
-                if stop.is_set() and not self._closing:
-                    self._closing = True  # refuse new requests; let those in flight land
-                    self._state = "stopping"
-                    await self._idle.wait()
-                    continue
-                waiting = asyncio.ensure_future(self._appended.wait())
-                try:
-                    await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiting.cancel()
-        finally:
-            stopping.cancel()
-
-    def _chunk(self, batch: SpoolBatch) -> RawChunk:
-        records = batch.records
-        return RawChunk(
-            source=self.name,
-            service=self.service,
-            lines=[r.data for r in records],
-            position=to_checkpoint(self.name, batch.position, self.writer.spool_id),
-            truncated=frozenset(i for i, r in enumerate(records) if r.truncated),
-            times=[r.time for r in records],
-        )
-
-    async def _acknowledge(self, feeding: asyncio.Task[None]) -> None:
-        """While feeding: delete the spool segments the sink has committed."""
-        assert self._committed is not None
-        while not feeding.done():
-            await asyncio.wait([feeding], timeout=ACK_INTERVAL_S)
-            if self._acked_to is not None and self._acked_to >= self._fed_to:
-                continue
+    async def _finish(self, stop: asyncio.Event, feeding: asyncio.Task[None]) -> None:
+        """After `stop`, once the feed has caught up: refuse new requests, let those in
+        flight land, then let the feed end (also ended by `close`)."""
+        for event in (stop, self.feeder.caught_up):
+            waiting = asyncio.ensure_future(event.wait())
             try:
-                async with asyncio.timeout(ACK_TIMEOUT_S):
-                    checkpoints = await self._committed()
-            except Exception as e:  # the database is down: the segments wait
-                log.debug(
-                    "cannot read the intake checkpoint: %s",
-                    type(e).__name__,
-                    extra={"component": COMPONENT},
-                )
-                continue
-            committed = from_checkpoint(checkpoints.get(CHECKPOINT_STREAM), self.writer.spool_id)
-            if committed is not None:
-                self._acked_to = committed
-                await asyncio.to_thread(self.writer.acknowledge, committed)
+                await asyncio.wait([waiting, feeding], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiting.cancel()
+            if feeding.done():
+                return
+        self._closing = True
+        self._state = "stopping"
+        await self._idle.wait()
+        self.feeder.finish()
 
     def status(self) -> dict[str, Any]:
         state, reason = self._state, self._reason
@@ -567,19 +503,13 @@ class Intake:
             "spool": str(self.folder),
             "spool_bytes": used,
             "spool_max_bytes": limit,
-            "lag_bytes": self._unfed_bytes(),
+            "lag_bytes": self.feeder.unfed_bytes,
             "requests_accepted": self.requests_accepted,
             "events_accepted": self.events_accepted,
             "lines_read": self.events_accepted,
-            "lines_fed": self.lines_fed,
+            "lines_fed": self.feeder.records_fed,
             "spool_full": self.spool_full,
         }
-
-    def _unfed_bytes(self) -> int:
-        end, fed = self.writer.position, self._fed_to
-        if end.segment == fed.segment:
-            return max(0, end.byte - fed.byte)
-        return self.writer.used_bytes  # across segments: at most what the spool holds
 
     def progress(self) -> tuple[int, int]:
         return 0, 0  # a live intake has no end to show a backfill bar for
@@ -587,4 +517,5 @@ class Intake:
     def close(self) -> None:
         """Release the spool folder. Idempotent."""
         self._closing = True
+        self.feeder.finish()
         self.writer.close()

@@ -14,9 +14,9 @@ Who does what::
     spooler task      SpoolFeed -> SpoolWriter.append (worker thread, fsync) -> wakes the feeder
     forward task      the database side, in the background, retried until the server answers:
         PostgresSink.open/migrate/load_checkpoints -> acknowledge the committed position ->
-        feeder (SpoolReader from there up to the writer's end: old runs' lines first) ->
-        grouper (tracebacks, `SpoolGrouping`) -> NormalizeStage -> PostgresSink.run
-        (rows + spool position, one transaction);
+        feeder (`SpoolFeeder`, sources/spooled.py: from there up to the writer's end, old
+        runs' lines first) -> grouper (tracebacks, `SpoolGrouping`) -> NormalizeStage ->
+        PostgresSink.run (rows + spool position, one transaction);
         acker: committed position -> SpoolWriter.acknowledge (deletes whole segments)
     main              forwards SIGINT/SIGTERM to the child; after it exits: the pumps reach
         EOF, the spooler drains, the feeder sends END_OF_STREAM once it has read the whole
@@ -62,27 +62,24 @@ from forwarder.clock import Clock, SystemClock
 from forwarder.config import EMBEDDED_DSN, MultilineConfig, Settings
 from forwarder.event import EventChunk, RawChunk
 from forwarder.logs import daemon_formatter
-from forwarder.pipeline.multiline import Grouper, build_grouper
+from forwarder.pipeline.multiline import build_grouper
 from forwarder.pipeline.stage import END_OF_STREAM, Marker, NormalizeStage
 from forwarder.runtime import Database, open_database
 from forwarder.sinks.postgres import PostgresSink, error_text
 from forwarder.sinks.spool import (
-    CHECKPOINT_STREAM,
     START,
     FsyncMode,
-    RecordTooLarge,
-    SpoolClosed,
     SpoolFull,
-    SpoolPosition,
-    SpoolReader,
     SpoolRecord,
     SpoolWriter,
-    from_checkpoint,
-    segment_path,
-    to_checkpoint,
 )
 from forwarder.sources.file import LineSplitter
-from forwarder.sources.framing import Records
+from forwarder.sources.spooled import (
+    SpoolFeeder,
+    SpoolGrouping,
+    append_durably,
+    resume_position,
+)
 
 __all__ = [
     "LineGate",
@@ -102,11 +99,7 @@ COMPONENT = "pipe"
 EXIT_NOT_EXECUTABLE: Final = 126  # what a shell answers for a command it cannot run
 EXIT_NOT_FOUND: Final = 127
 READ_BYTES: Final = 64 * 1024
-CHUNK_LINES: Final = 500  # lines per RawChunk handed to the pipeline
 ACK_INTERVAL_S: Final = 1.0  # how often committed positions are turned into deletions
-ACK_TIMEOUT_S: Final = 5.0
-FULL_WAIT_S: Final = 0.5  # one wait for room in a full spool (then the loop re-checks)
-SPOOL_ERROR_RETRY_S: Final = 1.0
 SINK_CLOSE_TIMEOUT_S: Final = 1.0
 RECORD_OVERHEAD_BYTES: Final = 96  # what a record costs beyond its line, for the feed's bound
 LOG_HOLD_S: Final = 1.0  # our log line waits this long for the child to finish its line
@@ -430,166 +423,6 @@ class _Pump(threading.Thread):
         )
 
 
-# --- spooled lines grouped into records --------------------------------------------------------
-
-
-_Anchor = tuple[int, SpoolPosition]  # (sequence number k, the spool position before record k)
-
-
-class SpoolGrouping:
-    """The spool's records -> grouper, and where a chunk may say to resume reading.
-
-    The grouper (`pipeline/multiline.py`) is fed the records in spool order; it holds
-    the record it may still extend and says where that record starts (`held_start`).
-    The `starts` it is given are sequence numbers (the k-th record read in this run is
-    k): it only hands them back, never does arithmetic on them. A sequence number
-    becomes a spool position only when a chunk needs one: `step`, `release_due` and
-    `flush` return the released records with the position just before the first line
-    of the record still held (the end of what was read if none is): committing it
-    never skips a line of a held record, so a crash reads that record again whole.
-
-    The reader gives the position after a batch, not one per record, so a held
-    record's position is found (in a worker thread; the feed task awaits each call):
-
-    * from the spool format (one record per line): the line starts are counted back
-      from the batch's end in its segment's bytes, when the batch skipped no bad record
-      and the held record is in the batch's last segment. The common case: the last
-      line of a batch is held, as a traceback may still follow it;
-    * else by reading the records again, from the last known position before the held
-      record (`anchors`: every batch's end, and the last held record's position).
-    """
-
-    def __init__(
-        self,
-        grouper: Grouper,
-        reader: SpoolReader,
-        start: SpoolPosition,
-        meta_of: Callable[[str], Mapping[str, Any]],
-        *,
-        max_records: int = CHUNK_LINES,
-    ) -> None:
-        self.grouper = grouper
-        self._reader = reader
-        self._rereader = SpoolReader(reader.folder)  # its own counters: nothing counted twice
-        self._meta_of = meta_of
-        self._max_records = max_records
-        self.end = start  # read up to here
-        self._seq = 0  # sequence number of the next record read
-        self._anchors: list[_Anchor] = [(0, start)]  # ascending; none before the held record
-        self._batch: tuple[int, SpoolPosition] | None = None  # last batch read whole: base, start
-        self.rereads = 0  # positions found by reading records again (the slow way)
-
-    def step(self, until: SpoolPosition, now: float) -> tuple[Records, SpoolPosition] | None:
-        """Read the next records up to `until` and feed them to the grouper: the records
-        it released and the chunk's position; None if there was nothing to read."""
-        reader = self._reader
-        bad = reader.torn_records + reader.corrupt_records
-        batch = reader.read(self.end, until, max_records=self._max_records)
-        records = batch.records
-        if not records and batch.position == self.end:
-            return None
-        clean = reader.torn_records + reader.corrupt_records == bad
-        base, n = self._seq, len(records)
-        self._batch = (base, self.end) if clean and n else None
-        self._seq = base + n
-        self.end = batch.position
-        anchors = self._anchors
-        if anchors[-1][0] == self._seq:
-            anchors[-1] = (self._seq, self.end)  # no record since: the later is as good
-        else:
-            anchors.append((self._seq, self.end))
-        meta_of = self._meta_of
-        lines = Records(
-            [r.data for r in records],
-            range(base, base + n),
-            [i for i, r in enumerate(records) if r.truncated],
-            [meta_of(r.stream) for r in records],
-            [r.time for r in records],
-        )
-        return self.grouper.feed(lines, now), self._position()
-
-    def next_due(self) -> float | None:
-        """Monotonic time at which `release_due` releases the held record."""
-        return self.grouper.next_due()
-
-    def release_due(self, now: float) -> tuple[Records, SpoolPosition]:
-        """The held record if no line came for the flush timeout (else nothing)."""
-        return self.grouper.flush_due(now), self._position()
-
-    def flush(self) -> tuple[Records, SpoolPosition]:
-        """Everything held (the end): the position is then the end of what was read."""
-        return self.grouper.flush(), self._position()
-
-    def _position(self) -> SpoolPosition:
-        held = self.grouper.held_start()
-        if held is None:
-            self._anchors = [(self._seq, self.end)]
-            return self.end
-        anchors = self._anchors
-        k = len(anchors) - 1
-        while anchors[k][0] > held:  # anchors[0] is at or before any held record
-            k -= 1
-        seq, pos = anchors[k]
-        if seq < held:
-            pos = self._locate(held, seq, pos)
-        self._anchors = [(held, pos), *anchors[k + 1 :]]
-        return pos
-
-    def _locate(self, held: int, seq: int, pos: SpoolPosition) -> SpoolPosition:
-        """The position before record `held`, knowing `pos` is before record `seq`."""
-        batch = self._batch
-        if batch is not None and held > batch[0]:  # in the last batch, not its first
-            start, end = batch[1], self.end
-            floor = start.byte if start.segment == end.segment else 0
-            byte = _line_start_back(self._reader.folder, end, self._seq - held, floor)
-            if byte is not None:
-                return SpoolPosition(end.segment, byte)
-        self.rereads += 1
-        again = self._rereader.read(pos, self.end, max_records=held - seq, max_bytes=1 << 62)
-        if len(again.records) == held - seq:
-            return again.position
-        # Not the records read before (cannot happen while we are the only reader of
-        # what is not committed): the earlier position repeats lines after a crash
-        # rather than lose the held ones.
-        log.warning(
-            "spool %s: cannot find record %d again after %s; a crash now would forward "
-            "%d lines twice",
-            self._reader.folder,
-            held,
-            pos,
-            held - seq,
-            extra={"component": COMPONENT},
-        )
-        return pos
-
-
-def _line_start_back(folder: Path, end: SpoolPosition, count: int, floor: int) -> int | None:
-    """Where the `count`-th line before `end` starts in end's segment (a record is one
-    line), or None unless all `count` lines end at or after `floor` and the last one
-    ends at `end`. `floor` must be a line start (a batch's start, or 0)."""
-    size = end.byte - floor
-    if count < 1 or size <= 0:
-        return None
-    try:
-        fd = os.open(segment_path(folder, end.segment), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        data = os.pread(fd, size, floor)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(data) != size:
-        return None
-    i = size - 1  # the newline that ends the last line
-    for _ in range(count):
-        if i < 0 or data[i] != 0x0A:
-            return None
-        i = data.rfind(b"\n", 0, i)  # the newline before that line, -1: floor
-    return floor + i + 1
-
-
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -645,7 +478,16 @@ class PipeRun:
         self.gate = gate
         self.clock = clock
         self.source = pipe_source(options.service)
-        self.reader = SpoolReader(writer.folder)
+        # The spool -> the pipeline: from the committed position, set once it is read.
+        self.feeder = SpoolFeeder(
+            self.source,
+            options.service,
+            writer,
+            build_grouper(options.multiline),
+            START,
+            clock,
+            meta_of=self._meta_of,
+        )
         self._loop = asyncio.get_running_loop()  # built inside the running loop
         self.feed = SpoolFeed(options.buffer_bytes, self._loop)
         self.proc: asyncio.subprocess.Process | None = None
@@ -657,13 +499,10 @@ class PipeRun:
         self._append_bytes = max(1, min(1024 * 1024, options.spool_max_bytes // 8))
         self._pumps_running = 0
         self._pumps_done = asyncio.Event()
-        self._appended = asyncio.Event()  # the writer's position moved (or spooling ended)
-        self._spooled_all = asyncio.Event()  # the feed is closed and all of it is spooled
         self._stopping = asyncio.Event()  # no more input: child exited, stdin ended, signal
         self._interrupt = asyncio.Event()  # a signal while flushing: exit now
         self._stop_signal: int | None = None
         self._deadline: float | None = None  # loop time when the flush budget ends
-        self._fed_to: SpoolPosition = START  # the last chunk's position (not past a held line)
         self._sink: PostgresSink | None = None
         self._stream_meta: dict[str, Mapping[str, Any]] = {}
         self._warned_full = False
@@ -828,10 +667,10 @@ class PipeRun:
                 self.lines_too_large,
                 extra={**extra, "event": "pipe.lines_dropped", "lines": lost},
             )
-        if self.reader.corrupt_records:
+        if self.feeder.reader.corrupt_records:
             log.warning(
                 "%d corrupt spool records were skipped",
-                self.reader.corrupt_records,
+                self.feeder.reader.corrupt_records,
                 extra=extra,
             )
         if self.flushed or not self.writer.used_bytes:
@@ -869,52 +708,47 @@ class PipeRun:
             self._holding = len(records)  # taken from the feed, not yet in the spool
             await self._append(records)
             self._holding = 0
-            self._appended.set()
+            self.feeder.appended()
         await asyncio.to_thread(self.writer.seal)
-        self._spooled_all.set()
-        self._appended.set()
+        self.feeder.finish()  # the feed is closed and all of it is spooled
 
     async def _append(self, records: list[SpoolRecord]) -> None:
         """Append, waiting while the spool is full (meanwhile the feed fills, then drops)."""
-        wait_s = 0.0  # the first try does not wait: a full spool is said at once
-        while True:
-            try:
-                await asyncio.to_thread(self.writer.append, records, timeout=wait_s)
-            except SpoolFull as e:
-                wait_s = FULL_WAIT_S
-                if not self._warned_full:
-                    self._warned_full = True
-                    log.warning(
-                        "the spool %s is full (%d bytes) until the database takes its lines; "
-                        "the output still shows",
-                        self.writer.folder,
-                        e.max_bytes,
-                        extra={"component": COMPONENT, "event": "pipe.spool_full"},
-                    )
-                continue
-            except RecordTooLarge:
-                if len(records) == 1:
-                    self.lines_too_large += 1
-                    return
-                mid = len(records) // 2
-                await self._append(records[:mid])
-                await self._append(records[mid:])
-                return
-            except SpoolClosed:
-                return
-            except OSError as e:  # disk full, I/O error: the spool is as it was; try again
-                if not self._warned_spool_error:
-                    self._warned_spool_error = True
-                    log.error(
-                        "cannot write to the spool %s (%s); retrying",
-                        self.writer.folder,
-                        e.strerror,
-                        extra={"component": COMPONENT},
-                    )
-                await asyncio.sleep(SPOOL_ERROR_RETRY_S)
-                continue
-            self.lines_spooled += len(records)
-            return
+        await append_durably(
+            self.writer,
+            records,
+            appended=self._spooled,
+            full=self._spool_is_full,
+            failed=self._spool_failed,
+            too_large=self._too_large,
+        )
+
+    def _spool_is_full(self, e: SpoolFull) -> None:
+        if not self._warned_full:
+            self._warned_full = True
+            log.warning(
+                "the spool %s is full (%d bytes) until the database takes its lines; "
+                "the output still shows",
+                self.writer.folder,
+                e.max_bytes,
+                extra={"component": COMPONENT, "event": "pipe.spool_full"},
+            )
+
+    def _spool_failed(self, e: OSError) -> None:
+        if not self._warned_spool_error:
+            self._warned_spool_error = True
+            log.error(
+                "cannot write to the spool %s (%s); retrying",
+                self.writer.folder,
+                e.strerror,
+                extra={"component": COMPONENT},
+            )
+
+    def _too_large(self) -> None:
+        self.lines_too_large += 1
+
+    def _spooled(self, n: int) -> None:
+        self.lines_spooled += n
 
     # -- the database side --
 
@@ -931,28 +765,27 @@ class PipeRun:
                 await sink.open()  # retried while the server is unreachable
                 await sink.migrate(self.clock.now().date())
                 checkpoints = await sink.load_checkpoints(self.source)
-                start = from_checkpoint(checkpoints.get(CHECKPOINT_STREAM), self.writer.spool_id)
-                if start is not None and start.segment >= self.writer.first_segment:
-                    # Only possible if the folder's next_segment mark was lost: replaying
-                    # is better than skipping lines.
-                    log.warning(
-                        "checkpoint %s is ahead of the spool %s: reading it from its start",
-                        start,
-                        self.writer.folder,
-                        extra={"component": COMPONENT},
-                    )
-                    start = None
+                start = resume_position(checkpoints, self.writer)
                 await asyncio.to_thread(self.writer.acknowledge, start)
                 size = settings.pipeline.queue_chunks
                 raw_q: asyncio.Queue[RawChunk | Marker] = asyncio.Queue(size)
                 event_q: asyncio.Queue[EventChunk | Marker] = asyncio.Queue(size)
+                self.feeder.fed_to = start
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._feed(start or START, raw_q), name="pipe.feed")
+                    tg.create_task(self._feed(raw_q), name="pipe.feed")
                     tg.create_task(NormalizeStage(self.clock).run(raw_q, event_q), name="normalize")
                     written = tg.create_task(sink.run(event_q), name="sink")
-                    tg.create_task(self._acknowledge_commits(sink, written), name="pipe.ack")
+                    tg.create_task(
+                        self.feeder.follow_commits(
+                            written,
+                            lambda: sink.load_checkpoints(self.source),
+                            interval_s=ACK_INTERVAL_S,
+                            new_commits=_batches_written(sink, written),
+                        ),
+                        name="pipe.ack",
+                    )
                 # sink.run returned after END_OF_STREAM: all that was fed is committed.
-                await asyncio.to_thread(self.writer.acknowledge, self._fed_to)
+                await self.feeder.acknowledge(self.feeder.fed_to)
                 self.flushed = True
             finally:
                 await sink.aclose(SINK_CLOSE_TIMEOUT_S)
@@ -968,62 +801,11 @@ class PipeRun:
             if database is not None and self.database is None:
                 database.close()  # the embedded server we started
 
-    async def _feed(self, start: SpoolPosition, out: asyncio.Queue[RawChunk | Marker]) -> None:
-        """Read the spool from `start` to the writer's end, following it, grouped into
-        records; then END_OF_STREAM."""
-        self._fed_to = start
-        clock = self.clock
-        records = SpoolGrouping(
-            build_grouper(self.options.multiline), self.reader, start, self._meta_of
-        )
-        while True:
-            self._appended.clear()
-            until = self.writer.position
-            step = await asyncio.to_thread(records.step, until, clock.monotonic())
-            if step is not None:
-                await self._put_chunk(out, *step)
-                continue
-            if self._spooled_all.is_set() and self.writer.position == until:
-                await self._put_chunk(out, *await asyncio.to_thread(records.flush))
-                await out.put(END_OF_STREAM)
-                return
-            due = records.next_due()
-            if due is None:
-                await self._appended.wait()
-                continue
-            wait_s = due - clock.monotonic()
-            if wait_s <= 0:  # no line for the flush timeout: release the held record
-                now = clock.monotonic()
-                await self._put_chunk(out, *await asyncio.to_thread(records.release_due, now))
-                continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    await self._appended.wait()
-
-    async def _put_chunk(
-        self,
-        out: asyncio.Queue[RawChunk | Marker],
-        records: Records,
-        position: SpoolPosition,
-    ) -> None:
-        """The released records as one chunk at `position` (also none, to move the
-        position past skipped bad records); nothing if neither changed."""
-        if not records and position == self._fed_to:
-            return
-        await out.put(
-            RawChunk(
-                source=self.source,
-                service=self.options.service,
-                lines=records.payloads,
-                position=to_checkpoint(self.source, position, self.writer.spool_id),
-                truncated=frozenset(records.truncated),
-                # a grouped record's meta: its first line's stream, and "multiline"
-                # (its line count), which makes normalize parse it as one record
-                line_meta=records.metas,
-                times=records.times,
-            )
-        )
-        self._fed_to = position
+    async def _feed(self, out: asyncio.Queue[RawChunk | Marker]) -> None:
+        """Read the spool from the committed position to the writer's end, following
+        it, grouped into records; then END_OF_STREAM."""
+        await self.feeder.feed(out)
+        await out.put(END_OF_STREAM)
 
     def _meta_of(self, stream: str) -> Mapping[str, Any]:
         meta = self._stream_meta.get(stream)
@@ -1031,21 +813,20 @@ class PipeRun:
             meta = self._stream_meta[stream] = MappingProxyType({"stream": stream})
         return meta
 
-    async def _acknowledge_commits(self, sink: PostgresSink, written: asyncio.Task[None]) -> None:
-        """While the sink runs: delete the segments its commits have covered."""
-        seen = 0
-        while not written.done():
-            await asyncio.wait([written], timeout=ACK_INTERVAL_S)
-            if written.done() or sink.batches_written == seen:
-                continue
-            seen = sink.batches_written
-            try:
-                async with asyncio.timeout(ACK_TIMEOUT_S):
-                    checkpoints = await sink.load_checkpoints(self.source)
-            except TimeoutError:
-                continue
-            committed = from_checkpoint(checkpoints.get(CHECKPOINT_STREAM), self.writer.spool_id)
-            await asyncio.to_thread(self.writer.acknowledge, committed)
+
+def _batches_written(sink: PostgresSink, written: asyncio.Task[None]) -> Callable[[], bool]:
+    """Whether the sink committed a batch since the last call (while it runs): only
+    then can its committed position have moved."""
+    seen = 0
+
+    def new_commits() -> bool:
+        nonlocal seen
+        if written.done() or sink.batches_written == seen:
+            return False
+        seen = sink.batches_written
+        return True
+
+    return new_commits
 
 
 def _error_text(exc: BaseException) -> str:

@@ -47,8 +47,9 @@ from typing import Any, overload
 from forwarder.clock import Clock
 from forwarder.config import FileSourceConfig
 from forwarder.event import Position, RawChunk
-from forwarder.pipeline.multiline import Grouper, build_grouper
-from forwarder.sources.framing import Framer, Records, build_framer
+from forwarder.pipeline.multiline import build_grouper
+from forwarder.sources.framing import Records, build_framer
+from forwarder.sources.spooled import FramedGrouper
 
 log = logging.getLogger(__name__)
 
@@ -248,59 +249,6 @@ class _LineStarts(Sequence[int]):
         return starts
 
 
-class _FileRecords:
-    """One file's lines -> framer -> grouper (all pure), and where the oldest record
-    either of them still holds starts: a position must never pass it.
-
-    Grouping runs over the file's records in file order, not per stream: a record is
-    complete before the next one starts, so "the start of the oldest held record" is
-    one offset and committing it is exact across kill -9. The price: a traceback
-    interleaved with lines of the other stream (stdout/stderr of one container) is
-    split where those lines fall (its remaining frames still stay one record).
-    Likewise a record is never joined across files: a traceback or docker piece cut
-    by a rotation becomes two records, one per file.
-    """
-
-    __slots__ = ("framer", "grouper")
-
-    def __init__(self, framer: Framer, grouper: Grouper) -> None:
-        self.framer = framer
-        self.grouper = grouper
-
-    def feed(self, lines: Records, now: float) -> Records:
-        return self.grouper.feed(self.framer.feed(lines, now), now)
-
-    def held_start(self) -> int | None:
-        # The framer releases records in file order, so what the grouper holds
-        # starts before anything the framer still holds.
-        start = self.grouper.held_start()
-        return self.framer.held_start() if start is None else start
-
-    def next_due(self) -> float | None:
-        a, b = self.grouper.next_due(), self.framer.next_due()
-        if a is None or b is None:
-            return b if a is None else a
-        return min(a, b)
-
-    def release_due(self, now: float) -> Records:
-        out = Records(starts=None)
-        freed = self.framer.flush_due(now)
-        if freed:
-            out.extend(self.grouper.feed(freed, now))
-        out.extend(self.grouper.flush_due(now))
-        return out
-
-    def flush(self, now: float) -> Records:
-        out = self.grouper.feed(self.framer.flush(), now)
-        out.extend(self.grouper.flush())
-        return out
-
-    def take_errors(self) -> int:
-        errors = self.framer.errors
-        self.framer.errors = 0
-        return errors
-
-
 @dataclass(eq=False)
 class _TrackedFile:
     key: str  # f"{st_dev}:{st_ino}"
@@ -317,7 +265,7 @@ class _TrackedFile:
     fp_checked: float = float("-inf")  # monotonic time the head was last compared with fp
     read_error: bool = False
     target: FileTarget | None = None  # None: the source's own service, no meta
-    records: _FileRecords | None = None  # None: raw lines, no grouping (the fast path)
+    records: FramedGrouper | None = None  # None: raw lines, no grouping (the fast path)
     carry: Records | None = None  # released when the file was truncated, not yet emitted
 
 
@@ -524,7 +472,7 @@ class FileSource:
         now = self._clock.monotonic()
         due = f.records.next_due()
         if due is not None and now >= due:
-            return self._records_chunk(f, f.records.release_due(now))
+            return self._records_chunk(f, f.records.flush_due(now))
         return self._records_chunk(f, None) if f.carry is not None else None
 
     def _finish(self, f: _TrackedFile) -> RawChunk | None:
@@ -539,7 +487,7 @@ class FileSource:
             if rest is not None:
                 line, cut = rest
                 out.extend(f.records.feed(Records([line], [start], [0] if cut else []), now))
-            out.extend(f.records.flush(now))
+            out.extend(f.records.flush())
             chunk = self._records_chunk(f, out)
         elif rest is not None:
             line, cut = rest
@@ -646,7 +594,7 @@ class FileSource:
         if f.records is not None:
             # Complete records held from before: emitted with the next chunk (nothing
             # can extend them any more). A held partial line is dropped, as ever.
-            freed = f.records.flush(self._clock.monotonic())
+            freed = f.records.flush()
             if freed:
                 if f.carry is None:
                     f.carry = freed
@@ -867,13 +815,22 @@ class FileSource:
         log.debug("tailing %s (%s) from offset %d", path, key, offset, extra=self._log_extra)
         return key
 
-    def _new_records(self) -> _FileRecords | None:
-        """A file's framer and grouper; None for raw lines with multiline off."""
+    def _new_records(self) -> FramedGrouper | None:
+        """A file's framer and grouper; None for raw lines with multiline off.
+
+        Grouping runs over the file's records in file order, not per stream: a record
+        is complete before the next one starts, so "the start of the oldest held
+        record" is one offset and committing it is exact across kill -9. The price: a
+        traceback interleaved with lines of the other stream (stdout/stderr of one
+        container) is split where those lines fall (its remaining frames still stay one
+        record). Likewise a record is never joined across files: a traceback or docker
+        piece cut by a rotation becomes two records, one per file.
+        """
         if not self._framed:
             return None
         cfg = self._config
         framer = build_framer(cfg.format, cfg.max_line_bytes, cfg.multiline.flush_timeout_s)
-        return _FileRecords(framer, build_grouper(cfg.multiline))
+        return FramedGrouper(framer, build_grouper(cfg.multiline))
 
     def _target_of(self, path: str) -> FileTarget | bool | None:
         """describe(path): a FileTarget, None (no describe hook: the configured service)

@@ -49,8 +49,6 @@ from forwarder.pipeline.multiline import build_grouper
 from forwarder.pipeline.stage import Flush, Marker
 from forwarder.sinks.spool import (
     FsyncMode,
-    RecordTooLarge,
-    SpoolClosed,
     SpoolFull,
     SpoolRecord,
     SpoolWriter,
@@ -61,6 +59,7 @@ from forwarder.sources.spooled import (
     CommittedReader,
     FramedGrouper,
     SpoolFeeder,
+    append_durably,
     resume_position,
 )
 
@@ -73,8 +72,6 @@ STREAM: Final = "stdin"  # SpoolRecord.stream of every record
 READ_BYTES: Final = 256 * 1024  # one read of a regular file
 BUFFER_BYTES: Final = 256 * 1024  # received from a pipe and not yet spooled: then it pauses
 APPEND_BYTES: Final = 1024 * 1024  # lines per spool append (one fsync), at most about
-FULL_WAIT_S: Final = 0.5  # one wait for room in a full spool (then the loop goes again)
-SPOOL_ERROR_RETRY_S: Final = 1.0
 RECORD_OVERHEAD_BYTES: Final = 64  # what a spool record costs beyond its line, about
 
 
@@ -484,54 +481,50 @@ class StdinSource:
 
     async def _append(self, records: list[SpoolRecord]) -> None:
         """Append durably; while the spool is full, wait (standard input is not read)."""
-        wait_s = 0.0  # the first try does not wait: a full spool is said at once
-        while True:
-            try:
-                await asyncio.to_thread(self.writer.append, records, timeout=wait_s)
-            except SpoolFull as e:
-                if not self._full:
-                    self._full = True
-                    self.spool_full += 1
-                    log.warning(
-                        "the spool %s is full (%d bytes): standard input is not read until "
-                        "the database catches up",
-                        self.folder,
-                        e.max_bytes,
-                        extra={**self._log_extra, "event": "stdin.spool_full"},
-                    )
-                self.feeder.want_room()
-                wait_s = FULL_WAIT_S
-                continue
-            except RecordTooLarge:
-                if len(records) > 1:
-                    mid = len(records) // 2
-                    await self._append(records[:mid])
-                    await self._append(records[mid:])
-                    return
-                self.lines_too_large += 1  # cannot happen within max_line_bytes' bound
-                self._holding -= 1
-                return
-            except SpoolClosed:
-                return  # closing: nothing more is spooled
-            except OSError as e:  # disk full, I/O error: the spool is as it was; again
-                if not self._warned_disk:
-                    self._warned_disk = True
-                    log.error(
-                        "cannot write to the spool %s (%s); retrying",
-                        self.folder,
-                        e.strerror,
-                        extra=self._log_extra,
-                    )
-                await asyncio.sleep(SPOOL_ERROR_RETRY_S)
-                continue
-            break
+        await append_durably(
+            self.writer,
+            records,
+            appended=self._spooled,
+            full=self._spool_is_full,
+            failed=self._spool_failed,
+            too_large=self._too_large,
+        )
+
+    def _spool_is_full(self, e: SpoolFull) -> None:
+        if not self._full:
+            self._full = True
+            self.spool_full += 1
+            log.warning(
+                "the spool %s is full (%d bytes): standard input is not read until "
+                "the database catches up",
+                self.folder,
+                e.max_bytes,
+                extra={**self._log_extra, "event": "stdin.spool_full"},
+            )
+        self.feeder.want_room()
+
+    def _spool_failed(self, e: OSError) -> None:
+        if not self._warned_disk:
+            self._warned_disk = True
+            log.error(
+                "cannot write to the spool %s (%s); retrying",
+                self.folder,
+                e.strerror,
+                extra=self._log_extra,
+            )
+
+    def _too_large(self) -> None:
+        self.lines_too_large += 1  # cannot happen within max_line_bytes' bound
+        self._holding -= 1
+
+    def _spooled(self, n: int) -> None:
         if self._full:
             self._full = False
             self.feeder.want_room(False)
             log.info("the spool has room again", extra=self._log_extra)
         self._warned_disk = False
-        self.lines_spooled += len(records)
-        self._holding -= len(records)
+        self.lines_spooled += n
+        self._holding -= n
         self.feeder.appended()
 
     # -- the spool -> the pipeline --

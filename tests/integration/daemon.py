@@ -61,7 +61,11 @@ def write_config(
 
 
 class Daemon:
-    """One `python -m forwarder run` process; its stderr goes to a file for post-mortems."""
+    """One `python -m forwarder run` process; its stderr goes to a file for post-mortems.
+
+    `stdin` is what `start` gives the child as standard input (asyncio.subprocess.PIPE:
+    a pipe the test writes into through `proc.stdin`).
+    """
 
     def __init__(self, config: Path, *args: str) -> None:
         self.config = config
@@ -69,6 +73,7 @@ class Daemon:
         self.log_path = config.parent / "forwarder.stderr"
         self.proc: asyncio.subprocess.Process | None = None
         self.env_extra: dict[str, str] = {}
+        self.stdin: int = asyncio.subprocess.DEVNULL
 
     async def start(self) -> Daemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
@@ -82,7 +87,7 @@ class Daemon:
                 "--config",
                 str(self.config),
                 *self.args,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=self.stdin,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=err,
                 env=env,

@@ -59,24 +59,9 @@ def seq_lines(start: int, n: int) -> bytes:
 class PipedDaemon(Daemon):
     """A `forwarder run` child whose standard input is a pipe the test writes into."""
 
-    async def start(self) -> PipedDaemon:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
-        env.update(self.env_extra)
-        with self.log_path.open("ab") as err:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "forwarder",
-                "run",
-                "--config",
-                str(self.config),
-                *self.args,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=err,
-                env=env,
-            )
-        return self
+    def __init__(self, config: Path, *args: str) -> None:
+        super().__init__(config, *args)
+        self.stdin = asyncio.subprocess.PIPE
 
     async def feed(self, data: bytes) -> None:
         assert self.proc is not None and self.proc.stdin is not None
