@@ -403,6 +403,90 @@ def test_offset_timestamp_is_converted_not_relabelled() -> None:
     assert (ts.hour, ts.minute, ts.tzinfo) == (18, 4, UTC)
 
 
+# -- lines with exactly the six schema keys (the common form, also the fast path) --------
+
+SCHEMA = {
+    "ts": "2024-07-01T12:34:56Z",
+    "service": "api",
+    "level": "INFO",
+    "event": "e",
+    "message": "m",
+    "meta": {"k": 1},
+}
+
+
+def full(**changes: Any) -> bytes:
+    return js({**SCHEMA, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, Event(T0, "api", Level.INFO, "e", "m", {"k": 1})),
+        ({"ts": "2024-07-01T14:34:56+02:00"}, Event(T0, "api", Level.INFO, "e", "m", {"k": 1})),
+        ({"ts": "2024-07-01T12:34:56"}, Event(T0, "api", Level.INFO, "e", "m", {"k": 1})),
+        ({"ts": "1719837296"}, Event(T0, "api", Level.INFO, "e", "m", {"k": 1})),
+        ({"ts": "20240701"}, Event(  # epoch seconds, not a basic-format ISO date
+            datetime(1970, 8, 23, 6, 25, 1, tzinfo=UTC), "api", Level.INFO, "e", "m", {"k": 1}
+        )),
+        ({"ts": 1719837296}, Event(T0, "api", Level.INFO, "e", "m", {"k": 1})),
+        ({"ts": "2024-07-01 12:34:56 UTC"}, Event(T0, "api", Level.INFO, "e", "m", {"k": 1})),
+        ({"ts": ""}, Event(NOW, "api", Level.INFO, "e", "m", {"k": 1})),
+        ({"ts": None}, Event(NOW, "api", Level.INFO, "e", "m", {"k": 1})),
+        ({"ts": "2024-07-01T12:34:56." + "0" * 44 + "Z"}, Event(
+            NOW, "api", Level.INFO, "e", "m",
+            {"k": 1, "original_ts": "2024-07-01T12:34:56." + "0" * 44 + "Z"},
+        )),
+        ({"ts": "0001-01-01T00:00:00+01:00"}, Event(
+            NOW, "api", Level.INFO, "e", "m", {"k": 1, "original_ts": "0001-01-01T00:00:00+01:00"}
+        )),
+        ({"level": "WARNING"}, Event(T0, "api", Level.WARNING, "e", "m", {"k": 1})),
+        ({"level": "warn"}, Event(
+            T0, "api", Level.WARNING, "e", "m", {"k": 1, "original_level": "warn"}
+        )),
+        ({"level": 50}, Event(T0, "api", Level.ERROR, "e", "m", {"k": 1, "original_level": 50})),
+        ({"level": ""}, Event(T0, "api", Level.INFO, "e", "m", {"k": 1})),
+        ({"event": ""}, Event(T0, "api", Level.INFO, "log", "m", {"k": 1})),
+        ({"event": "x" * 201}, Event(T0, "api", Level.INFO, "x" * 200, "m", {"k": 1})),
+        ({"event": 7}, Event(T0, "api", Level.INFO, "7", "m", {"k": 1})),
+        ({"service": ""}, Event(T0, "cfg", Level.INFO, "e", "m", {"k": 1})),
+        ({"service": "s" * 201}, Event(T0, "s" * 200, Level.INFO, "e", "m", {"k": 1})),
+        ({"service": 5}, Event(T0, "cfg", Level.INFO, "e", "m", {"k": 1})),
+        ({"message": None}, Event(T0, "api", Level.INFO, "e", "", {"k": 1})),
+        ({"message": {"a": 1}}, Event(T0, "api", Level.INFO, "e", '{"a":1}', {"k": 1})),
+        ({"meta": {}}, Event(T0, "api", Level.INFO, "e", "m", {})),
+        ({"meta": [1]}, Event(T0, "api", Level.INFO, "e", "m", {"meta": [1]})),
+        ({"meta": None}, Event(T0, "api", Level.INFO, "e", "m", {"meta": None})),
+        ({"message": "a\x00b", "meta": {"k\x00": "v\x00"}}, Event(
+            T0, "api", Level.INFO, "e", f"a{R}b", {f"k{R}": f"v{R}"}
+        )),
+    ],
+)  # fmt: skip
+def test_full_schema_line(changes: dict[str, Any], expected: Event) -> None:
+    event = norm(full(**changes))
+    assert event == expected
+    assert type(event) is Event
+    assert event.ts.tzinfo is UTC
+
+
+def test_six_keys_other_than_the_schema_keys_follow_the_aliases() -> None:
+    line = js({"time": "2024-07-01T12:34:56Z", "service": "api", "levelname": "ERROR",
+               "event": "e", "msg": "m", "meta": {"k": 1}})  # fmt: skip
+    assert norm(line) == Event(T0, "api", Level.ERROR, "e", "m", {"k": 1})
+
+
+def test_full_schema_line_truncated_is_flagged() -> None:
+    assert norm(full(), truncated=True) == Event(
+        T0, "api", Level.INFO, "e", "m", {"k": 1, "truncated": True}
+    )
+
+
+def test_full_schema_lines_do_not_share_their_meta() -> None:
+    first, second = norm(full()), norm(full())
+    assert first.meta == second.meta
+    assert first.meta is not second.meta
+
+
 # -- text formats ------------------------------------------------------------------------
 
 
