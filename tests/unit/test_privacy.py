@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from forwarder.alarms.config import PrivacyConfig
-from forwarder.alarms.privacy import MIN_KEY_BYTES, Pseudonymizer, is_token
+from forwarder.alarms.privacy import MIN_KEY_BYTES, TOKEN_CACHE_SIZE, Pseudonymizer, is_token
 from forwarder.event import Event, Level
 
 KEY = b"0123456789abcdef0123456789abcdef"
@@ -30,6 +30,15 @@ def test_the_token_is_hmac_sha256_of_the_value_under_the_key() -> None:
     assert p.token("alice") != Pseudonymizer(b"x" * 32, ["user_id"], ["ui"]).token("alice")
     assert p.token(42) == p.token("42")  # the same user whether logged as int or str
     assert is_token(p.token("alice")) and not is_token("alice") and not is_token(42)
+
+
+def test_tokens_stay_right_past_the_cache_of_recent_identifiers() -> None:
+    p = Pseudonymizer(KEY, ["user_id"], ["ui"])
+    n = TOKEN_CACHE_SIZE * 2 + 3  # every value evicted once, then asked again
+    for _ in range(2):
+        for i in range(n):
+            expected = hmac.new(KEY, str(i).encode(), hashlib.sha256).hexdigest()[:32]
+            assert p.token(i) == "u_" + expected
 
 
 def test_user_keys_of_configured_services_are_replaced_in_a_derived_event() -> None:
