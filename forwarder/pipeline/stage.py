@@ -95,7 +95,7 @@ class NormalizeStage:
             assert isinstance(item, RawChunk)
             events = normalize_chunk(item, self.clock.now())
             if self.privacy is not None:
-                events = [self.privacy.apply(e) for e in events]
+                events = self.privacy.apply_all(events)
             self.lines_in += len(item.lines)
             positions = (item.position,) if item.position is not None else ()
             chunk = EventChunk(events, positions)

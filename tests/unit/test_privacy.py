@@ -85,3 +85,15 @@ def test_built_from_config() -> None:
     assert Pseudonymizer.from_config(PrivacyConfig(services=[]), None) is None
     with pytest.raises(ValueError, match="no key was given"):
         Pseudonymizer.from_config(PrivacyConfig(), None)
+
+
+def test_apply_all_is_apply_on_each_event() -> None:
+    p = Pseudonymizer(KEY, ["user_id"], ["ui"])
+    events = [
+        ev("ui", {"user_id": 1}),
+        ev("api", {"user_id": 2}),
+        ev("ui", {}),
+        ev("ui", {"user_id": 1}),
+    ]
+    assert p.apply_all(events) == [p.apply(e) for e in events]
+    assert p.apply_all(events)[1] is events[1]  # another service: the same object
