@@ -40,13 +40,15 @@ SIGHUP reads the config again: [[sources]] (removed, added, changed: no line los
 read twice), notifiers, probes, [sampling] and the [[alarms]] rules change in place;
 other sections are logged as needing a restart. An invalid file is refused and
 logged, and the running configuration stays.
-With --exit-on-eof every file is read to its end once (a backfill), then the daemon
-exits 0; on a terminal it shows bytes done / total and lines per second.
+With --exit-on-eof every file (and standard input, for a type = "stdin" source) is
+read to its end once (a backfill), then the daemon exits 0 once all is committed; on
+a terminal it shows bytes done / total and lines per second.
 
 examples:
   forwarder run --config config/forwarder.dev.toml
   FORWARDER_DATABASE__DSN=postgresql://logs@db/logs forwarder run
   forwarder run --config backfill.toml --exit-on-eof
+  zcat old.log.gz | forwarder run --config stdin-backfill.toml --exit-on-eof
 """
 
 
@@ -83,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--exit-on-eof",
         action="store_true",
-        help="read every file source to its end, flush, and exit 0 (a backfill)",
+        help="read every file source (and stdin) to its end, flush, and exit 0 (a backfill)",
     )
     run.set_defaults(handler=cmd_run)
 
