@@ -119,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--level", type=str.upper, choices=["INFO", "WARNING", "ERROR"], help="only this level"
     )
     recent.add_argument(
-        "--since", default="15m", metavar="DURATION", help="how far back: 30s, 15m, 2h, 7d"
+        "--since",
+        default="15m",
+        type=_duration,
+        metavar="DURATION",
+        help="how far back: 30s, 15m, 2h, 7d",
     )
     recent.add_argument("--limit", type=int, default=50, metavar="N", help="at most N rows")
     recent.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -164,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     summary.add_argument("--config", type=Path, metavar="PATH", help=CONFIG_HELP)
     summary.add_argument(
-        "--window", default="15m", metavar="DURATION", help="how far back: 30s, 15m, 2h, 7d"
+        "--window",
+        default="15m",
+        type=_duration,
+        metavar="DURATION",
+        help="how far back: 30s, 15m, 2h, 7d",
     )
     summary.add_argument("--merge", type=Path, metavar="FILE", help="JSON report to update")
     summary.set_defaults(handler=cmd_summary)
@@ -224,7 +232,21 @@ def _service_name(value: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except CommandError as e:
+        print(f"forwarder {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+def _duration(text: str) -> Any:
+    """argparse type of --since/--window: a timedelta, or the problem in argparse's words."""
+    from forwarder.queries import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -344,31 +366,22 @@ def cmd_recent(args: argparse.Namespace) -> int:
     import orjson
 
     from forwarder.clock import SystemClock
-    from forwarder.queries import parse_duration, recent
+    from forwarder.queries import recent
 
-    try:
-        window = parse_duration(args.since)
-    except ValueError as e:
-        print(f"forwarder recent: --since: {e}", file=sys.stderr)
-        return 2
     settings = _load(args)
     if settings is None:
         return EXIT_CONFIG
-    try:
-        rows = _with_connection(
-            settings,
-            lambda conn: recent(
-                conn,
-                settings.database,
-                since=SystemClock().now() - window,
-                service=args.service,
-                level=args.level,
-                limit=args.limit,
-            ),
-        )
-    except CommandError as e:
-        print(f"forwarder recent: {e}", file=sys.stderr)
-        return 1
+    rows = _with_connection(
+        settings,
+        lambda conn: recent(
+            conn,
+            settings.database,
+            since=SystemClock().now() - args.since,
+            service=args.service,
+            level=args.level,
+            limit=args.limit,
+        ),
+    )
     for row in rows:
         meta = orjson.loads(row["meta"]) if isinstance(row["meta"], str | bytes) else row["meta"]
         if args.json:
@@ -405,22 +418,18 @@ def cmd_alerts(args: argparse.Namespace) -> int:
         return await state.load_firing(conn, names)
 
     resetting = bool(args.reset or args.all)
-    try:
-        # A running daemon holds the firing state in memory: reset it there (it writes
-        # the ok rows too); only with no daemon answering, write the rows directly.
-        done = _reset_in_daemon(settings, rule) if resetting else None
-        if done is not None:
-            for f in done["cleared"]:
-                print(f"reset {f['rule']}" + (f" [{f['group']}]" if f.get("group") else ""))
-            print(
-                f"{done['rows_written']} alarm(s) reset in the running daemon "
-                f"({done['resolved']} resolved in its memory)"
-            )
-            return 0
-        rows = _with_connection(settings, work)
-    except CommandError as e:
-        print(f"forwarder alerts: {e}", file=sys.stderr)
-        return 1
+    # A running daemon holds the firing state in memory: reset it there (it writes
+    # the ok rows too); only with no daemon answering, write the rows directly.
+    done = _reset_in_daemon(settings, rule) if resetting else None
+    if done is not None:
+        for f in done["cleared"]:
+            print(f"reset {f['rule']}" + (f" [{f['group']}]" if f.get("group") else ""))
+        print(
+            f"{done['rows_written']} alarm(s) reset in the running daemon "
+            f"({done['resolved']} resolved in its memory)"
+        )
+        return 0
+    rows = _with_connection(settings, work)
     if resetting:
         for f in rows:
             print(f"reset {f.rule}" + (f" [{f.group}]" if f.group else ""))
@@ -492,21 +501,17 @@ def cmd_check_alerts(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     names = Names.from_config(settings.database)
-    try:
-        report = _with_connection(
-            settings,
-            lambda conn: state.check_alerts(
-                conn,
-                names,
-                settings.alarms,
-                SystemClock().now(),
-                window_s=args.window,
-                write=not args.dry_run,
-            ),
-        )
-    except CommandError as e:
-        print(f"forwarder check-alerts: {e}", file=sys.stderr)
-        return 1
+    report = _with_connection(
+        settings,
+        lambda conn: state.check_alerts(
+            conn,
+            names,
+            settings.alarms,
+            SystemClock().now(),
+            window_s=args.window,
+            write=not args.dry_run,
+        ),
+    )
     for kind, alerts in (
         ("fired", report.fired),
         ("repeated", report.repeated),
@@ -525,24 +530,14 @@ def cmd_check_alerts(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     import orjson
 
-    from forwarder.queries import parse_duration
     from forwarder.report import merge_into_report, summarize
     from forwarder.sinks.schema import Names
 
-    try:
-        window = parse_duration(args.window)
-    except ValueError as e:
-        print(f"forwarder summary: --window: {e}", file=sys.stderr)
-        return 2
     settings = _load(args)
     if settings is None:
         return EXIT_CONFIG
     names = Names.from_config(settings.database)
-    try:
-        result = _with_connection(settings, lambda conn: summarize(conn, names, window))
-    except CommandError as e:
-        print(f"forwarder summary: {e}", file=sys.stderr)
-        return 1
+    result = _with_connection(settings, lambda conn: summarize(conn, names, args.window))
     if args.merge is not None:
         try:
             merge_into_report(args.merge, result)

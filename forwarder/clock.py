@@ -21,3 +21,16 @@ class SystemClock:
 
     def now(self) -> datetime:
         return datetime.now(UTC)
+
+
+def as_utc(dt: datetime) -> datetime | None:
+    """`dt` in UTC (a naive one is taken as UTC), or None when it has no UTC form."""
+    tz = dt.tzinfo
+    if tz is UTC:
+        return dt
+    if tz is None:
+        return dt.replace(tzinfo=UTC)
+    try:
+        return dt.astimezone(UTC)
+    except (OverflowError, ValueError):
+        return None

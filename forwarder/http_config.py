@@ -14,7 +14,7 @@ from typing import Annotated
 
 from pydantic import Field, IPvAnyNetwork, field_validator, model_validator
 
-from forwarder.alarms.secrets import MAX_SECRET_FILE_BYTES
+from forwarder.alarms.secrets import SecretError, read_secret_file
 from forwarder.config_types import Name, Section
 
 __all__ = ["HttpConfig", "TokenError", "parse_listen"]
@@ -143,18 +143,9 @@ class HttpConfig(Section):
         if self.tokens_file is not None:
             path = self.tokens_file
             try:
-                with path.open("rb") as f:
-                    data = f.read(MAX_SECRET_FILE_BYTES + 1)
-            except OSError as exc:
-                raise TokenError(
-                    f"http.tokens_file: cannot read {path}: {exc.strerror or type(exc).__name__}"
-                ) from None
-            if len(data) > MAX_SECRET_FILE_BYTES:
-                raise TokenError(f"http.tokens_file: {path} is larger than {MAX_SECRET_FILE_BYTES}")
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                raise TokenError(f"http.tokens_file: {path} is not UTF-8 text") from None
+                text = read_secret_file("http.tokens_file", path)
+            except SecretError as e:
+                raise TokenError(str(e)) from None
             where = f"http.tokens_file ({path})"
         elif self.tokens_env is not None:
             text = (os.environ if environ is None else environ).get(self.tokens_env, "")

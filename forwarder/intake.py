@@ -48,9 +48,8 @@ from forwarder.sinks.spool import (
     SpoolFull,
     SpoolPosition,
     SpoolRecord,
-    SpoolWriter,
 )
-from forwarder.sources.spooled import CommittedReader, SpoolFeeder, resume_position
+from forwarder.sources.spooled import CommittedReader, SpoolFeeder, open_spool, resume_position
 
 __all__ = [
     "MAX_META_DEPTH",
@@ -394,12 +393,7 @@ class Intake:
         self.service = config.service
         self._clock = clock
         self.folder = spool_folder(data_dir, self.name)
-        self.writer = SpoolWriter(
-            self.folder,
-            max_bytes=config.spool_max_bytes,
-            segment_bytes=segment_bytes or min(8 * 1024 * 1024, config.spool_max_bytes // 8),
-            fsync=fsync,
-        )
+        self.writer = open_spool(self.folder, config.spool_max_bytes, fsync, segment_bytes)
         self._start = resume_position(checkpoints or {}, self.writer)
         # The records as accepted: one a line, nothing to group.
         self.feeder = SpoolFeeder(

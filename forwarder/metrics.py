@@ -169,11 +169,11 @@ class _ComponentCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._metrics.snapshot()
-        errors = CounterMetricFamily(
-            "forwarder_metrics_snapshot_errors", "Scrapes whose component read failed"
+        yield _counter(
+            "forwarder_metrics_snapshot_errors",
+            "Scrapes whose component read failed",
+            self._metrics.snapshot_errors,
         )
-        errors.add_metric([], self._metrics.snapshot_errors)
-        yield errors
         if snap is None:
             return
         yield from _families(snap)

@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 
 from forwarder.config import DatabaseConfig
+from forwarder.sinks.schema import Names
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -22,11 +23,6 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
 
 
-def qualified(db: DatabaseConfig, table: str) -> str:
-    """A schema-qualified identifier; names were validated as plain identifiers by config."""
-    return f'"{db.schema_name}"."{table}"'
-
-
 async def recent(
     conn: asyncpg.Connection,
     db: DatabaseConfig,
@@ -38,7 +34,7 @@ async def recent(
 ) -> list[dict[str, Any]]:
     """The newest rows since `since`, optionally of one service and level, newest first."""
     rows = await conn.fetch(
-        f"SELECT ts, service, level, event, message, meta FROM {qualified(db, db.table)} "
+        f"SELECT ts, service, level, event, message, meta FROM {Names.from_config(db).q_table} "
         "WHERE ts >= $1 AND ($2::text IS NULL OR service = $2) "
         "AND ($3::text IS NULL OR level = $3) ORDER BY ts DESC, id DESC LIMIT $4",
         since,

@@ -54,7 +54,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-import hashlib
 import logging
 import os
 import re
@@ -109,8 +108,7 @@ _ROW_JSON = (
 
 def retention_lock_key(schema: str) -> int:
     """The session advisory-lock key held by one retention pass over `schema`."""
-    digest = hashlib.blake2b(f"forwarder.retention:{schema}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+    return lock_key(schema, "retention")
 
 
 def utc_midnight(day: date) -> datetime:

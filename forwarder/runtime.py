@@ -39,7 +39,7 @@ from forwarder.http_config import TokenError
 from forwarder.intake import Intake
 from forwarder.metrics import Metrics, pipeline_status, snapshot_of
 from forwarder.pipeline.sample import Sampler
-from forwarder.pipeline.stage import END_OF_STREAM, Flush, Marker, NormalizeStage
+from forwarder.pipeline.stage import END_OF_STREAM, Marker, NormalizeStage, flush_through
 from forwarder.retention import RetentionJob
 from forwarder.sinks.embedded import EmbeddedServer, start_embedded
 from forwarder.sinks.postgres import PostgresSink
@@ -132,15 +132,7 @@ class Pipeline:
 
     async def flush(self) -> None:
         """Return once every line queued so far is committed (or the daemon stops)."""
-        marker = Flush()
-        await self.raw_q.put(marker)
-        done = asyncio.ensure_future(marker.done.wait())
-        stopping = asyncio.ensure_future(self.stop.wait())
-        try:
-            await asyncio.wait([done, stopping], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            done.cancel()
-            stopping.cancel()
+        await flush_through(self.raw_q, self.stop)
 
 
 # A progress display: a coroutine over the running pipeline, cancelled when it ends.

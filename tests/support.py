@@ -1,15 +1,39 @@
-"""Test helpers shared by every tier: a fake clock and a condition waiter."""
+"""Test helpers shared by every tier: a fake clock, a condition waiter, a free port and
+the alarm rule most tests use."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
+
+
+def free_port() -> int:
+    """A local TCP port that nothing listens on (until the test starts something there)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def api_error_burst(threshold: int = 5) -> str:
+    """The `api_error_burst` alarm rule as TOML: `threshold` API errors within 60 s.
+
+    It ends on its `window_s` line, so a test may append more keys of this rule (or
+    further tables) to the text."""
+    return f"""
+[[alarms]]
+name = "api_error_burst"
+type = "threshold"
+match = {{ service = "api", level = "ERROR" }}
+threshold = {threshold}
+window_s = 60
+"""
 
 
 class FakeClock:

@@ -416,7 +416,9 @@ def pagerduty_payload(alert: Alert, routing_key: str, source: str) -> dict[str, 
         "event_action": "trigger",
         "dedup_key": dedup_key(alert),
         "payload": {
-            "summary": _clip(f"{alert.rule} [{group_label(alert)}]: {alert.summary}", 1024),
+            "summary": _clip(
+                f"{alert.rule} [{group_label(alert)}]: {alert.summary}", PAGERDUTY_SUMMARY_CHARS
+            ),
             "severity": pagerduty_severity(alert.severity),
             "source": source,
             "timestamp": _iso(alert.at),
@@ -686,6 +688,14 @@ class HttpActionNotifier(_Base):
         )
 
 
+async def _docker_error(resp: aiohttp.ClientResponse, what: str) -> NotifyError:
+    """The error for an Engine API answer that is not a success (`what` gave HTTP ...)."""
+    return NotifyError(
+        f"docker: {what} gave HTTP {resp.status}: {_snippet(await resp.text(errors='replace'))}",
+        kind=http_status_kind(resp.status),
+    )
+
+
 class DockerRestartNotifier(_Base):
     """Restart every container of a compose service through the Engine API.
 
@@ -722,10 +732,8 @@ class DockerRestartNotifier(_Base):
         )
         async with self._session.get(f"{self.BASE}/containers/json?{query}") as resp:
             if resp.status != 200:
-                raise NotifyError(
-                    f"docker: listing the containers of service {self._service} gave HTTP "
-                    f"{resp.status}: {_snippet(await resp.text(errors='replace'))}",
-                    kind=http_status_kind(resp.status),
+                raise await _docker_error(
+                    resp, f"listing the containers of service {self._service}"
                 )
             found = await resp.json()
         containers = []
@@ -747,11 +755,7 @@ class DockerRestartNotifier(_Base):
             url = f"{self.BASE}/containers/{quote(container_id, safe='')}/restart{query}"
             async with self._session.post(url) as resp:
                 if resp.status not in (200, 204):
-                    raise NotifyError(
-                        f"docker: restart of {container_name} gave HTTP {resp.status}: "
-                        f"{_snippet(await resp.text(errors='replace'))}",
-                        kind=http_status_kind(resp.status),
-                    )
+                    raise await _docker_error(resp, f"restart of {container_name}")
                 await resp.read()
             log.warning(
                 "restarted container %s (service %s) for alarm %s",

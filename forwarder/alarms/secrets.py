@@ -49,23 +49,28 @@ def resolve_secret(
         return value
     assert file is not None
     path = Path(file)
+    text = read_secret_file(f"{key}_file", path).rstrip("\r\n")
+    if not text.strip():
+        raise SecretError(f"{key}_file: {path} is empty")
+    return text
+
+
+def read_secret_file(key: str, path: Path) -> str:
+    """The UTF-8 text of a secret file, at most MAX_SECRET_FILE_BYTES; a SecretError
+    names `key` and the file, never the content."""
     try:
         with path.open("rb") as f:
             data = f.read(MAX_SECRET_FILE_BYTES + 1)
     except OSError as exc:
         # strerror only: str(exc) is safe too, but keep the message in one shape.
         reason = exc.strerror or type(exc).__name__
-        raise SecretError(f"{key}_file: cannot read {path}: {reason}") from None
+        raise SecretError(f"{key}: cannot read {path}: {reason}") from None
     if len(data) > MAX_SECRET_FILE_BYTES:
-        raise SecretError(f"{key}_file: {path} is larger than {MAX_SECRET_FILE_BYTES} bytes")
+        raise SecretError(f"{key}: {path} is larger than {MAX_SECRET_FILE_BYTES} bytes")
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise SecretError(f"{key}_file: {path} is not UTF-8 text") from None
-    text = text.rstrip("\r\n")
-    if not text.strip():
-        raise SecretError(f"{key}_file: {path} is empty")
-    return text
+        raise SecretError(f"{key}: {path} is not UTF-8 text") from None
 
 
 def secret_ref(

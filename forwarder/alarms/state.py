@@ -19,7 +19,6 @@ parameters. Every function takes the connection; none opens one.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -33,7 +32,7 @@ from forwarder.alarms.config import ThresholdAlarmConfig
 from forwarder.alarms.rules import MAX_SAMPLES, Alert, FiringRow, ProbeOutcome
 from forwarder.pipeline.stage import END_OF_STREAM, EndOfStream
 from forwarder.sinks.postgres import forget_traceback
-from forwarder.sinks.schema import Names
+from forwarder.sinks.schema import Names, lock_key
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +58,6 @@ __all__ = [
 
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
-
-
-def _check_lock_key(schema: str) -> int:
-    digest = hashlib.blake2b(f"forwarder.check_alerts:{schema}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 def alert_details(alert: Alert, reset: bool = False) -> dict[str, Any]:
@@ -294,7 +288,7 @@ async def check_alerts(
     repeated: list[Alert] = []
     resolved: list[Alert] = []
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _check_lock_key(n.schema))
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(n.schema, "check_alerts"))
         firing = {(f.rule, f.group): f for f in await load_firing(conn, n)}
         last_row = await _last_failed_ts(conn, n)
         for rule in rules:

@@ -36,6 +36,7 @@ from typing import Any, Final
 
 import orjson
 
+from forwarder.clock import as_utc
 from forwarder.event import Event, Level, RawChunk
 from forwarder.pipeline.multiline import traceback_facts
 
@@ -191,7 +192,7 @@ def _normalize_with_facts(chunk: RawChunk, service: str, now: datetime) -> list[
         if times is not None:
             recorded = times[i]
             if recorded is not None:
-                when = recorded if recorded.tzinfo is UTC else (_as_utc(recorded) or now)
+                when = recorded if recorded.tzinfo is UTC else (as_utc(recorded) or now)
         if facts is not None and "multiline" in facts and b"\n" in line:
             event = _grouped(line, service, when, i in cut)
         else:
@@ -457,7 +458,7 @@ def _parse_ts(value: Any) -> datetime | None:
             dt = datetime.fromisoformat(value)
         except ValueError:
             return _parse_ts_fallback(value)
-        return dt if dt.tzinfo is UTC else _as_utc(dt)
+        return dt if dt.tzinfo is UTC else as_utc(dt)
     if cls is int or cls is float:
         return _from_epoch(value)
     return None
@@ -482,19 +483,7 @@ def _parse_ts_fallback(text: str) -> datetime | None:
         )  # fmt: skip
     except ValueError:
         return None
-    return _as_utc(dt)
-
-
-def _as_utc(dt: datetime) -> datetime | None:
-    tz = dt.tzinfo
-    if tz is UTC:
-        return dt
-    if tz is None:
-        return dt.replace(tzinfo=UTC)
-    try:
-        return dt.astimezone(UTC)
-    except (OverflowError, ValueError):
-        return None
+    return as_utc(dt)
 
 
 def _from_epoch(number: float) -> datetime | None:

@@ -7,7 +7,8 @@ that each stage passes on after its producers are done.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Final
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Final
 
 from forwarder.clock import Clock
 from forwarder.event import EventChunk, RawChunk
@@ -47,6 +48,25 @@ class Flush(Marker):
 
     def __repr__(self) -> str:
         return f"Flush(done={self.done.is_set()})"
+
+
+async def flush_through(queue: asyncio.Queue[Any], stop: asyncio.Event) -> bool:
+    """Put a Flush on `queue`; True once everything put before it is committed, False
+    if `stop` came first (a drain: the stages may end before reaching it)."""
+    marker = Flush()
+    await queue.put(marker)
+    await first_of(marker.done.wait(), stop.wait())
+    return marker.done.is_set()
+
+
+async def first_of(*aws: Awaitable[Any]) -> None:
+    """Until the first of `aws` completes; the others are cancelled."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class NormalizeStage:

@@ -188,9 +188,10 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
-def lock_key(schema: str) -> int:
-    """The advisory-lock key that serializes DDL on one schema (a signed 64-bit int)."""
-    digest = hashlib.blake2b(f"forwarder.schema:{schema}".encode(), digest_size=8).digest()
+def lock_key(schema: str, purpose: str = "schema") -> int:
+    """The advisory-lock key (a signed 64-bit int) that serializes one kind of work on
+    one schema: "schema" (DDL), "retention", "check_alerts"."""
+    digest = hashlib.blake2b(f"forwarder.{purpose}:{schema}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 

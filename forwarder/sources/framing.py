@@ -27,10 +27,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final, Protocol
 
 import orjson
+
+from forwarder.clock import as_utc
 
 __all__ = [
     "CriFramer",
@@ -388,17 +390,8 @@ def _parse_time(value: Any) -> datetime | None:
     if value.__class__ is not str or not 19 <= len(value) <= 40:
         return None
     try:
-        dt = datetime.fromisoformat(value)
+        return as_utc(datetime.fromisoformat(value))
     except ValueError:
-        return None
-    tz = dt.tzinfo
-    if tz is UTC:
-        return dt
-    if tz is None:
-        return dt.replace(tzinfo=UTC)
-    try:
-        return dt.astimezone(UTC)
-    except (OverflowError, ValueError):
         return None
 
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from forwarder.pipeline.stage import first_of
 from forwarder.sources.base import Source
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,6 @@ class SourceSet:
     def __iter__(self) -> Iterator[Source]:
         return iter([r.source for r in self._running.values()])
 
-    def __len__(self) -> int:
-        return len(self._running)
-
     def configs(self) -> dict[str, Any]:
         """{name: config} of the reloadable sources."""
         return {r.name: r.config for r in self._running.values() if r.config is not None}
@@ -110,13 +108,7 @@ class SourceSet:
         tasks = [r.task for r in self._running.values() if r.task is not None]
         if not tasks:
             return
-        stopping = asyncio.ensure_future(self._stop.wait())
-        all_returned = asyncio.ensure_future(asyncio.wait(tasks))
-        try:
-            await asyncio.wait([stopping, all_returned], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-            all_returned.cancel()
+        await first_of(self._stop.wait(), asyncio.wait(tasks))
 
     def _start(self, running: _Running) -> None:
         assert self._tg is not None
@@ -187,4 +179,3 @@ class SourceStartError(Exception):
     def __init__(self, name: str, error: Exception) -> None:
         super().__init__(f"source {name} could not start: {error}")
         self.name = name
-        self.error = error

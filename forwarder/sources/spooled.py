@@ -33,6 +33,7 @@ from forwarder.pipeline.stage import Marker
 from forwarder.sinks.spool import (
     CHECKPOINT_STREAM,
     START,
+    FsyncMode,
     RecordTooLarge,
     SpoolClosed,
     SpoolFull,
@@ -67,6 +68,19 @@ SPOOL_ERROR_RETRY_S: Final = 1.0
 
 # Reads the committed checkpoints of the source: the sink's load_checkpoints(name).
 CommittedReader = Callable[[], Awaitable[Mapping[str, Position]]]
+
+
+def open_spool(
+    folder: Path, max_bytes: int, fsync: FsyncMode, segment_bytes: int | None = None
+) -> SpoolWriter:
+    """The spool of a source that cannot replay its input: segments of an eighth of its
+    bound (8 MiB at most), so committed ones are deleted well before it is full."""
+    return SpoolWriter(
+        folder,
+        max_bytes=max_bytes,
+        segment_bytes=segment_bytes or min(8 * 1024 * 1024, max_bytes // 8),
+        fsync=fsync,
+    )
 
 
 def resume_position(checkpoints: Mapping[str, Position], writer: SpoolWriter) -> SpoolPosition:

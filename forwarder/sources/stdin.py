@@ -46,12 +46,11 @@ from forwarder.clock import Clock
 from forwarder.config import StdinSourceConfig
 from forwarder.event import Position, RawChunk
 from forwarder.pipeline.multiline import build_grouper
-from forwarder.pipeline.stage import Flush, Marker
+from forwarder.pipeline.stage import Marker, first_of, flush_through
 from forwarder.sinks.spool import (
     FsyncMode,
     SpoolFull,
     SpoolRecord,
-    SpoolWriter,
 )
 from forwarder.sources.file import WRAPPER_LINE_BYTES, LineSplitter
 from forwarder.sources.framing import build_framer
@@ -60,6 +59,7 @@ from forwarder.sources.spooled import (
     FramedGrouper,
     SpoolFeeder,
     append_durably,
+    open_spool,
     resume_position,
 )
 
@@ -226,7 +226,7 @@ class StdinReader:
                         extra={"component": COMPONENT},
                     )
                 continue
-            await _first(received.ready.wait(), stop.wait())
+            await first_of(received.ready.wait(), stop.wait())
 
     def rest(self) -> bytes:
         """On stop: what was received and not yet returned; nothing more is read."""
@@ -268,16 +268,6 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
 
 
-async def _first(*aws: Any) -> None:
-    """Until the first of `aws` completes; the others are cancelled."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
 # --- the source -------------------------------------------------------------------------------
 
 
@@ -310,12 +300,7 @@ class StdinSource:
         self._exit_on_eof = exit_on_eof
         self._log_extra = {"component": COMPONENT, "source": config.name}
         self.folder = spool_folder(data_dir, config.name)
-        self.writer = SpoolWriter(
-            self.folder,
-            max_bytes=config.spool_max_bytes,
-            segment_bytes=segment_bytes or min(8 * 1024 * 1024, config.spool_max_bytes // 8),
-            fsync=fsync,
-        )
+        self.writer = open_spool(self.folder, config.spool_max_bytes, fsync, segment_bytes)
         self._start = resume_position(checkpoints or {}, self.writer)
         framer = build_framer(
             config.format, config.max_line_bytes, config.multiline.flush_timeout_s
@@ -535,10 +520,7 @@ class StdinSource:
             return  # stopped: the drain commits what was fed; the next start deletes it
         if self.feeder.fed_to != self._start:
             # The end of the input: once what was fed is committed, empty the spool.
-            marker = Flush()
-            await out.put(marker)
-            await _first(marker.done.wait(), stop.wait())
-            if marker.done.is_set():
+            if await flush_through(out, stop):
                 await self.feeder.acknowledge(self.feeder.fed_to)
         if not self._exit_on_eof:
             await stop.wait()

@@ -26,18 +26,12 @@ from forwarder.config import DatabaseConfig
 from forwarder.event import Event, EventChunk, Level
 from forwarder.pipeline.stage import END_OF_STREAM
 from forwarder.sinks.schema import Names, migrate
-from tests.support import FakeClock, wait_until
+from tests.support import FakeClock, api_error_burst, wait_until
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 
-RULES = """
-[[alarms]]
-name = "api_error_burst"
-type = "threshold"
-match = { service = "api", level = "ERROR" }
-threshold = 5
-window_s = 60
-resolve_after_s = 120
+# The api_error_burst rule's own keys, then the other rules.
+MORE_RULES = """resolve_after_s = 120
 repeat_s = 600
 
 [[alarms]]
@@ -56,6 +50,7 @@ probe = "redis"
 [probes.redis]
 type = "redis"
 """  # noqa: E501
+RULES = api_error_burst() + MORE_RULES
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from forwarder.report import merge_into_report, summarize
 from forwarder.sinks.postgres import PostgresSink
 from forwarder.sinks.spool import START, SpoolReader
 from tests.component.test_intake import Pipeline, make_settings
-from tests.support import FakeClock, wait_until
+from tests.support import FakeClock, free_port, wait_until
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -879,9 +878,7 @@ async def test_reset_without_a_rule_clears_every_alarm(
 async def test_reads_answer_503_while_the_database_is_unreachable(
     make_http: HttpFactory,
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     dead = await asyncpg.create_pool(
         f"postgresql://postgres@127.0.0.1:{port}/x", min_size=0, timeout=1
     )

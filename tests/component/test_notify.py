@@ -9,7 +9,6 @@ import hmac
 import json
 import logging
 import shutil
-import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -38,7 +37,7 @@ from forwarder.alarms.secrets import SecretError
 from forwarder.clock import SystemClock
 from forwarder.pipeline.stage import END_OF_STREAM
 from tests.component.receiver import Receiver
-from tests.support import wait_until
+from tests.support import free_port, wait_until
 
 STARTED = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 AT = datetime(2026, 11, 26, 12, 0, 42, tzinfo=UTC)
@@ -570,12 +569,6 @@ class Mailbox:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.envelopes.append(envelope)
         return "250 Message accepted for delivery"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Logins:

@@ -28,15 +28,9 @@ from forwarder.alarms.probes import (
 )
 from forwarder.alarms.secrets import SecretError
 from forwarder.clock import SystemClock
-from tests.support import FakeClock, serving, wait_until
+from tests.support import FakeClock, free_port, serving, wait_until
 
 PROBE_CONFIG = TypeAdapter(ProbeConfig)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def reachable(port: int) -> bool:

@@ -24,7 +24,7 @@ from forwarder.retention import (
     run_retention,
 )
 from forwarder.sinks.schema import ensure_partitions, migrate
-from tests.support import FakeClock
+from tests.support import FakeClock, wait_until
 
 TODAY = date(2026, 11, 26)
 CUTOFF_DAY = TODAY - timedelta(days=30)  # 2026-10-27: days before it go
@@ -516,7 +516,7 @@ async def test_job_stops_promptly_when_asked() -> None:
 
     job = RetentionJob(never, 3, clock)
     task = asyncio.create_task(job.run(stop))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: job.next_at is not None, what="the job waiting for its hour")
     stop.set()
     await asyncio.wait_for(task, 2)
     assert job.next_at == datetime(2026, 11, 27, 3, tzinfo=UTC)

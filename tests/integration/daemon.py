@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -122,12 +124,19 @@ class Daemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-async def count_rows(dsn: str, schema: str, table: str = "system_logs") -> int:
+@contextlib.asynccontextmanager
+async def connected(dsn: str, schema: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of its own to the daemon's schema, closed on leaving."""
     conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
     try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def count_rows(dsn: str, schema: str, table: str = "system_logs") -> int:
+    async with connected(dsn, schema) as conn:
         try:
             return await conn.fetchval(f"SELECT count(*) FROM {table}")
         except asyncpg.UndefinedTableError:
             return 0
-    finally:
-        await conn.close()

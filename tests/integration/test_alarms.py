@@ -9,8 +9,8 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from tests.integration.daemon import Daemon, count_rows, write_config
-from tests.support import wait_until
+from tests.integration.daemon import Daemon, connected, count_rows, write_config
+from tests.support import api_error_burst, free_port, wait_until
 
 
 def line(level: str, message: str, service: str = "api", **meta: object) -> bytes:
@@ -221,14 +221,6 @@ timeout_s = 0.2
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_a_failing_probe_pages_emails_records_and_survives_a_restart(
     tmp_path: Path, pg_dsn: str, pg_schema: str
 ) -> None:
@@ -251,7 +243,7 @@ async def test_a_failing_probe_pages_emails_records_and_survives_a_restart(
             return "250 OK"
 
     mailbox = Mailbox()
-    smtp_port = _free_port()
+    smtp_port = free_port()
     smtp = Controller(mailbox, hostname="127.0.0.1", port=smtp_port)
     smtp.start()
     receiver = await Receiver().start()
@@ -265,7 +257,7 @@ async def test_a_failing_probe_pages_emails_records_and_survives_a_restart(
     receiver.runner.app.router.add_post("/pagerduty", pagerduty)  # type: ignore[union-attr]
     config = write_config(
         tmp_path / "f.toml", dsn=pg_dsn, schema=pg_schema, files={},
-        extra=HEALTH.format(port=receiver.port, smtp_port=smtp_port, closed_port=_free_port()),
+        extra=HEALTH.format(port=receiver.port, smtp_port=smtp_port, closed_port=free_port()),
     )  # fmt: skip
     env = {"TEST_PD_KEY": "pd-routing-key-123"}
     daemon = Daemon(config)
@@ -298,13 +290,10 @@ async def test_a_failing_probe_pages_emails_records_and_survives_a_restart(
         await receiver.close()
         smtp.stop()
     assert "pd-routing-key-123" not in daemon.stderr()
-    conn = await asyncpg.connect(pg_dsn, server_settings={"search_path": pg_schema})
-    try:
+    async with connected(pg_dsn, pg_schema) as conn:
         details = await conn.fetchval(
             "SELECT details FROM system_checks WHERE name = 'redis_down' ORDER BY id LIMIT 1"
         )
-    finally:
-        await conn.close()
     assert orjson.loads(details)["rule"] == "redis_down"  # a JSON object, not a string
 
 
@@ -322,14 +311,8 @@ async def _probe_rows(dsn: str, schema: str, at_least: int = 3) -> bool:
     return ok >= 1 and failed >= at_least
 
 
-RESET_ALARM = """
-[[alarms]]
-name = "api_error_burst"
-type = "threshold"
-match = {{ service = "api", level = "ERROR" }}
-threshold = 5
-window_s = 60
-resolve_after_s = 3600
+# Appended to the api_error_burst rule (tests.support.api_error_burst).
+RESET_ALARM = """resolve_after_s = 3600
 
 [http]
 enabled = true
@@ -353,7 +336,8 @@ async def test_alerts_reset_reaches_the_running_daemon_so_the_alarm_fires_again(
     logs.mkdir()
     config = write_config(tmp_path / "f.toml", dsn=pg_dsn, schema=pg_schema,
                           files={"api": [str(logs / "api.log")]},
-                          extra=RESET_ALARM.format(port=_free_port(), tokens=tokens))  # fmt: skip
+                          extra=api_error_burst()
+                          + RESET_ALARM.format(port=free_port(), tokens=tokens))  # fmt: skip
 
     def burst() -> None:
         with (logs / "api.log").open("ab") as f:

@@ -12,6 +12,7 @@ import asyncpg
 import orjson
 
 from tests.integration.daemon import write_config
+from tests.support import api_error_burst
 
 
 def forwarder(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -106,14 +107,7 @@ async def test_recent_shows_the_latest_rows_filtered(
     assert bad.returncode == 2 and "not a duration: 'soon'" in bad.stderr
 
 
-ALARM = """
-[[alarms]]
-name = "api_error_burst"
-type = "threshold"
-match = { service = "api", level = "ERROR" }
-threshold = 5
-window_s = 60
-"""
+ALARM = api_error_burst()
 
 
 async def test_check_alerts_fires_and_alerts_lists_and_resets(

@@ -6,11 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import asyncpg
 import orjson
 
 from tests.component.test_docker_files import Dockerd
-from tests.integration.daemon import Daemon, write_config
+from tests.integration.daemon import Daemon, connected, write_config
 
 TRACEBACK_PROGRAM = """
 import logging
@@ -56,13 +55,10 @@ exclude_containers = ["*-db-*"]
                           extra=sources)  # fmt: skip
     daemon = await Daemon(config, "--exit-on-eof").start()
     assert await daemon.wait(60) == 0, daemon.stderr()
-    conn = await asyncpg.connect(pg_dsn, server_settings={"search_path": pg_schema})
-    try:
+    async with connected(pg_dsn, pg_schema) as conn:
         rows = await conn.fetch(
             "SELECT service, level, event, message, meta FROM system_logs ORDER BY ts, id"
         )
-    finally:
-        await conn.close()
     by_service: dict[str, list] = {}
     for r in rows:
         by_service.setdefault(r["service"], []).append(r)

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from tests.integration.daemon import Daemon, count_rows, write_config
-from tests.support import wait_until
+from tests.support import api_error_burst, wait_until
 
 
 def schema_line(seq: int, service: str = "api") -> bytes:
@@ -507,16 +507,6 @@ async def test_backfill_shows_progress_on_a_terminal(
     assert "20,000 rows" in text and "lines/s" in text
 
 
-RELOAD_ALARM = """
-[[alarms]]
-name = "api_error_burst"
-type = "threshold"
-match = {{ service = "api", level = "ERROR" }}
-threshold = {threshold}
-window_s = 60
-"""
-
-
 async def test_sighup_applies_sampling_and_alarms_and_refuses_a_broken_file(
     tmp_path: Path, pg_dsn: str, pg_schema: str
 ) -> None:
@@ -528,7 +518,7 @@ async def test_sighup_applies_sampling_and_alarms_and_refuses_a_broken_file(
 
     def configure(threshold: int, max_rows: int, sampling: int) -> None:
         write_config(config, dsn=pg_dsn, schema=pg_schema, files={"a": [str(logs / "a.log")]},
-                     max_rows=max_rows, extra=RELOAD_ALARM.format(threshold=threshold),
+                     max_rows=max_rows, extra=api_error_burst(threshold),
                      sampling_threshold_per_min=sampling)  # fmt: skip
 
     configure(threshold=5, max_rows=500, sampling=1_000_000_000)

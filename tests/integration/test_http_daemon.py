@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 
 from tests.integration.daemon import Daemon, write_config
-from tests.support import wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import free_port, wait_until
 
 
 async def test_browser_errors_posted_to_the_daemon_become_rows(

@@ -10,7 +10,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,7 +26,7 @@ from forwarder.event import RawChunk
 from forwarder.pipe import LineGate, PipeOptions, run_pipe, spool_folder
 from forwarder.pipeline.normalize import normalize_chunk
 from forwarder.sinks.spool import SpoolReader, SpoolRecord, list_segments
-from tests.support import wait_until
+from tests.support import free_port, wait_until
 
 SEQ = re.compile(r"seq=(\d+)")
 # The repository root: `python -m forwarder` runs from here, as in the daemon tests.
@@ -53,12 +52,6 @@ def write_config(path: Path, *, dsn: str, schema: str, data_dir: Path) -> Path:
         )
     )
     return path
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def script(tmp_path: Path, name: str, code: str) -> list[str]:
@@ -662,7 +655,7 @@ async def test_database_unreachable_then_the_next_run_writes_each_line_once(
     data_dir = tmp_path / "d"
     down = write_config(
         tmp_path / "down.toml",
-        dsn=f"postgresql://postgres@127.0.0.1:{closed_port()}/test",
+        dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/test",
         schema=pg_schema,
         data_dir=data_dir,
     )
@@ -761,7 +754,7 @@ async def test_full_spool_drops_lines_but_every_line_still_shows(
     settings = parse_config(
         {
             "database": {
-                "dsn": f"postgresql://postgres@127.0.0.1:{closed_port()}/test",
+                "dsn": f"postgresql://postgres@127.0.0.1:{free_port()}/test",
                 "data_dir": str(tmp_path / "d"),
                 "retry_initial_backoff_s": 0.05,
             }

@@ -11,7 +11,7 @@ import asyncpg
 import orjson
 
 from tests.integration.daemon import Daemon, write_config
-from tests.support import wait_until
+from tests.support import free_port, wait_until
 
 
 class Writers:
@@ -252,14 +252,10 @@ async def test_a_sighup_during_start_up_or_the_drain_does_not_end_the_daemon(
 ) -> None:
     """SIGHUP's default action ends a process, and logrotate's postrotate may send one
     at any moment. Here start-up waits for an unreachable database (a long window)."""
-    import socket
-
     from tests.integration.tcp_proxy import PgProxy
 
     proxy = PgProxy(pg_dsn)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        proxy.port = s.getsockname()[1]  # nothing listens there until proxy.up()
+    proxy.port = free_port()  # nothing listens there until proxy.up()
     logs = tmp_path / "logs"
     logs.mkdir()
     paths = {"a": logs / "a.log"}

@@ -16,7 +16,7 @@ import orjson
 
 from forwarder.sinks.spool import SpoolPosition, SpoolReader, list_segments
 from forwarder.sources.stdin import spool_folder
-from tests.integration.daemon import Daemon, count_rows, write_config
+from tests.integration.daemon import Daemon, connected, count_rows, write_config
 from tests.integration.test_reload import sighup
 from tests.support import wait_until
 
@@ -238,11 +238,8 @@ async def count_is(dsn: str, schema: str, n: int) -> bool:
 
 
 async def spool_checkpoint(dsn: str, schema: str) -> SpoolPosition:
-    conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
-    try:
+    async with connected(dsn, schema) as conn:
         offset = await conn.fetchval(
             "SELECT \"offset\" FROM forwarder_checkpoints WHERE source = 'in'"
         )
-    finally:
-        await conn.close()
     return SpoolPosition.from_offset(offset)

@@ -26,7 +26,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ import asyncpg
 
 from tests.integration.daemon import Daemon, write_config
 from tests.integration.tcp_proxy import PgProxy
+from tests.support import free_port
 
 FILE_SERVICE = "outage"
 HTTP_SERVICE = "outage-http"
@@ -68,12 +68,6 @@ class State:
     http_unknown: set[int] = field(default_factory=set)  # no answer: may or may not be stored
     samples: list[Sample] = field(default_factory=list)
     stop_writing: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def vm_kib(pid: int, key: str) -> int | None:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from pydantic import BaseModel
 from forwarder.alarms.rules import RuleSet
 from forwarder.config import DSN_ENV, DockerSourceConfig, FileSourceConfig, Settings, load_config
 from forwarder.pipeline.normalize import normalize
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
@@ -718,17 +718,11 @@ def test_the_example_worker_logs_cycles_the_alarm_recognises(
     assert _fired(lines, settings, "worker") == {"worker_behavior_engine"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_the_example_api_logs_requests_the_alarm_recognises(
     container_settings: tuple[Settings, Path],
 ) -> None:
     settings, _ = container_settings
-    port = _free_port()
+    port = free_port()
     token = "t" * 32
     env = {**_clean_env(), "EXAMPLE_PORT": str(port), "API_CONTROL_TOKEN": token}
     proc = subprocess.Popen(

@@ -8,20 +8,11 @@ from forwarder.alarms.config import AlarmSettings
 from forwarder.alarms.engine import AlarmEngine
 from forwarder.alarms.rules import RuleSet
 from forwarder.event import Event, Level
-from tests.support import FakeClock
-
-RULE = """
-[[alarms]]
-name = "api_error_burst"
-type = "threshold"
-match = {{ service = "api", level = "ERROR" }}
-threshold = {threshold}
-window_s = 60
-"""
+from tests.support import FakeClock, api_error_burst
 
 
 def rules(threshold: int) -> RuleSet:
-    settings = AlarmSettings(**tomllib.loads(RULE.format(threshold=threshold)))
+    settings = AlarmSettings(**tomllib.loads(api_error_burst(threshold)))
     return RuleSet.from_config(settings.alarms)
 
 

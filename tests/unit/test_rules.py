@@ -22,21 +22,15 @@ from forwarder.alarms.rules import (
 )
 from forwarder.event import Event, EventChunk, Level
 from forwarder.pipeline.stage import END_OF_STREAM
-from tests.support import FakeClock, wait_until
+from tests.support import FakeClock, api_error_burst, wait_until
 
-# The brief's form, exactly as written.
-API_TOML = """
-[[alarms]]
-name = "api_error_burst"
-type = "threshold"
-match = { service = "api", level = "ERROR" }
-threshold = 5
-window_s = 60
-actions = ["ops_slack"]
-[notifiers.ops_slack]
+SLACK = """[notifiers.ops_slack]
 type = "slack"
 webhook_url_env = "SLACK_WEBHOOK_URL"
 """
+
+# The brief's form: the shared api_error_burst rule with its Slack action.
+API_TOML = api_error_burst() + 'actions = ["ops_slack"]\n' + SLACK
 
 # The strategy document's four seed rules.
 SEED_TOML = """
@@ -541,7 +535,9 @@ def test_reset_resolves_what_was_told_and_clears_the_counts(fake_clock: FakeCloc
 
 
 def test_restore_rebuilds_firing_state_without_a_notice_storm(fake_clock: FakeClock) -> None:
-    toml = SEED_TOML.replace("window_s = 60", "window_s = 60\nrepeat_s = 100\nresolve_after_s = 50")
+    toml = SEED_TOML.replace(
+        "window_s = 60\n", "window_s = 60\nrepeat_s = 100\nresolve_after_s = 50\n"
+    )
     h = Harness(toml, fake_clock)
     earlier = START - timedelta(hours=1)
     rows = [

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from forwarder.sources.running import SourceSet, SourceStartError, diff_sources
+from tests.support import wait_until
 
 
 class Counter:
@@ -59,7 +60,10 @@ async def test_replace_stops_then_flushes_then_starts_and_leaves_the_rest_alone(
     async def build(config: dict[str, Any]) -> Counter:
         return Counter(config["name"], journal)
 
-    await asyncio.sleep(0)  # the sources start
+    await wait_until(
+        lambda: {"start keep", "start gone", "start changed", "start intake"} <= set(journal),
+        what="the sources started",
+    )
     changes = await sources.replace(
         {
             "keep": {"v": 1},
@@ -114,7 +118,7 @@ async def test_a_backfill_ends_when_every_source_has_returned_and_is_never_repla
     sources.add("a", Counter("a", journal, limit=3), {"v": 1})
     sources.add("b", Counter("b", journal, limit=5), {"v": 1})
     running = asyncio.create_task(sources.run())
-    await asyncio.sleep(0)
+    await wait_until(lambda: {"start a", "start b"} <= set(journal), what="the sources started")
 
     async def never(_: Any) -> Counter:
         raise AssertionError("a backfill's sources are fixed")
