@@ -7,7 +7,12 @@ A file source splits a file into lines (`LineSplitter`), then a framer chosen by
 * ``docker``: dockerd's json-file lines, ``{"log": "...\\n", "stream": "stdout",
   "time": "2024-...Z"}``. The record is `log` without its trailing newline; a `log`
   without one is a piece of a longer line that dockerd split at 16 KiB, joined with the
-  next pieces of the same stream up to the piece that ends with a newline.
+  next pieces of the same stream up to the piece that ends with a newline. With
+  ``--log-opt labels=..``, ``env=..``, ``labels-regex``/``env-regex`` or ``tag=..``
+  dockerd adds ``"attrs": {"<label or env name>": "<value>", "tag": "<tag>"}`` to every
+  line (all pieces of a long line alike); it reaches the record's meta as ``attrs``, a
+  flat {str: str} object (non-string values, which dockerd never writes, as JSON text;
+  an ``attrs`` that is not an object is ignored).
 * ``cri``: containerd / CRI-O lines, ``<RFC3339Nano time> <stdout|stderr> <P|F> <log>``;
   ``P`` pieces are joined up to the ``F`` piece of the same stream.
 
@@ -316,6 +321,28 @@ def _start_of(done: _Done) -> int:
 class DockerFramer(_Joiner):
     """dockerd's json-file lines; pieces split at 16 KiB joined per stream."""
 
+    def __init__(self, max_line_bytes: int, flush_timeout_s: float) -> None:
+        super().__init__(max_line_bytes, flush_timeout_s)
+        # Per stream, the last line's attrs and the meta made of them: one container
+        # writes the same attrs on every line, so its records share one meta object
+        # (cheap to compare when grouping, never mutated).
+        self._attrs_meta: dict[str, tuple[Any, Mapping[str, Any]]] = {}
+
+    def _meta_with(self, stream: str, attrs: Any) -> Mapping[str, Any]:
+        """The meta of a line of `stream` that carries `attrs`."""
+        seen = self._attrs_meta.get(stream)
+        if seen is not None and seen[0] == attrs:
+            return seen[1]
+        base = _STREAM_META.get(stream) or {"stream": stream}
+        if attrs.__class__ is not dict or not attrs:
+            meta = base
+        else:
+            dumps = orjson.dumps
+            flat = {k: v if v.__class__ is str else dumps(v).decode() for k, v in attrs.items()}
+            meta = {**base, "attrs": flat}
+        self._attrs_meta[stream] = (attrs, meta)
+        return meta
+
     def feed(self, lines: Records, now: float) -> Records:
         payloads, starts = lines.payloads, lines.starts
         assert starts is not None
@@ -346,7 +373,11 @@ class DockerFramer(_Joiner):
             piece = (log[:-1] if final else log).encode()
             if final and piece[-1:] == b"\r":
                 piece = piece[:-1]
-            meta = stream_meta.get(stream) or {"stream": stream}
+            attrs = obj.get("attrs")
+            if attrs is None:
+                meta = stream_meta.get(stream) or {"stream": stream}
+            else:
+                meta = self._meta_with(stream, attrs)
             time = _parse_time(obj.get("time"))
             if final and not self._open and len(piece) <= max_bytes and not cut:
                 out_payloads.append(piece)
