@@ -43,9 +43,12 @@ LOG_GLOB = "*-json.log"  # rotated files (<id>-json.log.1, ...) are followed by 
 
 _FULL_ID = re.compile(r"^[0-9a-f]{64}$")
 _SHORT_ID = re.compile(r"^[0-9a-f]{12}$")
-# /var/lib/docker/containers/<id>/hostname (and resolv.conf, hosts) are bind-mounted
-# into every container: the id in their source path is the container's own.
-_MOUNTINFO_ID = re.compile(r"/docker/containers/([0-9a-f]{64})/")
+# <data root>/containers/<id>/hostname (and resolv.conf, hosts) are bind-mounted into
+# every container: the id in their source path is the container's own. The path is
+# relative to the root of the filesystem holding it: "/var/lib/docker/containers/<id>/
+# hostname" on the root filesystem, "/containers/<id>/hostname" when the data root is a
+# filesystem of its own (a disk mounted at /var/lib/docker), whatever the data root is.
+_MOUNTINFO_ID = re.compile(r"(?:^|/)containers/([0-9a-f]{64})/(?:hostname|hosts|resolv\.conf)$")
 # cgroup v1 (and v2 with the cgroupfs driver): ".../docker/<id>" or "docker-<id>.scope".
 _CGROUP_ID = re.compile(r"(?:/docker/|/docker-)([0-9a-f]{64})(?:\.scope)?(?:/|$)")
 _OWN_MOUNTS = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
@@ -192,11 +195,17 @@ def own_container_from(
     $HOSTNAME (each None when unavailable), in that order of trust.
 
     mountinfo: a line whose mount point is /etc/hostname, /etc/hosts or /etc/resolv.conf
-    and whose root is `.../docker/containers/<id>/...` (dockerd bind-mounts them from
-    the container's folder; this works under cgroup v2 too). Other lines naming such a
+    and whose root is `.../containers/<id>/<that file>` (dockerd bind-mounts them from
+    the container's folder under its data root). The root is relative to the filesystem
+    that holds it, so any data root works: `/var/lib/docker/containers/<id>/hostname`,
+    `/srv/docker/containers/<id>/hostname`, or `/containers/<id>/hostname` when the data
+    root is a filesystem of its own. This works with a private cgroup namespace too
+    (cgroup v2's default, where /proc/self/cgroup is `0::/`). Other lines naming such a
     folder are not evidence: on the host itself, every running container's
-    `.../containers/<id>/mounts/shm` is listed. cgroup (v1): `.../docker/<id>` or
-    `docker-<id>.scope`. HOSTNAME: 12 hex digits, Docker's default.
+    `.../containers/<id>/mounts/shm` may be listed, and a sidecar's mount of the
+    containers folder is not one of those files. cgroup (v1, or v2 with the host's
+    cgroup namespace): `.../docker/<id>` or `docker-<id>.scope`. HOSTNAME: 12 hex
+    digits, Docker's default.
     """
     for line in (mountinfo or "").splitlines():
         fields = line.split(maxsplit=5)
