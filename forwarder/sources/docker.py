@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "source.docker"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
+COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
+COMPOSE_NUMBER_LABEL = "com.docker.compose.container-number"
+COMPOSE_ONEOFF_LABEL = "com.docker.compose.oneoff"
+COMPOSE_SLUG_LABEL = "com.docker.compose.slug"
 CONFIG_FILE = "config.v2.json"
 LOG_GLOB = "*-json.log"  # rotated files (<id>-json.log.1, ...) are followed by identity
 
@@ -103,14 +107,48 @@ def parse_container(doc: Mapping[str, Any] | bytes | str) -> ContainerInfo:
     )
 
 
+def compose_names(info: ContainerInfo) -> tuple[str, ...]:
+    """Its name, then the name the other docker compose version gives the same container.
+
+    docker-compose v1 (python, 1.x) joins project, service and number with "_"
+    (`shop_api_1`, one-offs `shop_api_run_<slug[:12]>`), compose v2 with "-"
+    (`shop-api-1`, `shop-api-run-<slug[:12]>`; `--compatibility` uses "_"); both set
+    the labels project, service, oneoff, container-number (v1 not on one-offs) and slug
+    (one-offs). A container not named so by compose (no such labels, or a
+    `container_name`) has only its name.
+    """
+    labels = info.labels
+    project = labels.get(COMPOSE_PROJECT_LABEL)
+    service = labels.get(COMPOSE_SERVICE_LABEL)
+    if not project or not service:
+        return (info.name,)
+    slug = labels.get(COMPOSE_SLUG_LABEL)
+    number = labels.get(COMPOSE_NUMBER_LABEL)
+    if labels.get(COMPOSE_ONEOFF_LABEL) == "True" and slug:
+        bits = [project.lstrip("-_"), service, "run", slug[:12]]
+    elif number:
+        bits = [project.lstrip("-_"), service, number]
+    else:
+        return (info.name,)
+    v1, v2 = "_".join(bits), "-".join(bits)
+    if info.name == v1:
+        return (v1, v2)
+    if info.name == v2:
+        return (v2, v1)
+    return (info.name,)
+
+
 def service_for(info: ContainerInfo, services: Mapping[str, str]) -> str:
-    """The `services` entry of its compose service, else of its name; else the compose
-    service itself, else the name."""
+    """The `services` entry of its compose service, else of its name (as either compose
+    version names it: `shop_api_1` or `shop-api-1`, see `compose_names`); else the
+    compose service itself, else the name."""
     compose = info.labels.get(COMPOSE_SERVICE_LABEL) or None
     if compose is not None and compose in services:
         return services[compose]
-    if info.name in services:
-        return services[info.name]
+    if services:
+        for name in compose_names(info):
+            if name in services:
+                return services[name]
     return compose or info.name
 
 
@@ -133,7 +171,9 @@ class ContainerSelector:
 
     Included when (no include_names, or the name matches one) and it carries every
     include_labels entry; excluded when the name matches an exclude_names glob or it
-    carries any exclude_labels entry.
+    carries any exclude_labels entry. A compose container's name matches a glob when
+    either compose version's name for it does (`compose_names`: "*-db-*" matches
+    `shop_db_1` too).
     """
 
     include_names: tuple[str, ...] = ()
@@ -152,12 +192,13 @@ class ContainerSelector:
 
     def rejects(self, info: ContainerInfo) -> str | None:
         """Why the container is not read, or None when it is."""
+        names = compose_names(info) if self.include_names or self.exclude_names else ()
         if self.include_names and not any(
-            fnmatch.fnmatchcase(info.name, g) for g in self.include_names
+            fnmatch.fnmatchcase(n, g) for g in self.include_names for n in names
         ):
             return "its name matches no include_containers glob"
         for glob in self.exclude_names:
-            if fnmatch.fnmatchcase(info.name, glob):
+            if any(fnmatch.fnmatchcase(n, glob) for n in names):
                 return f"its name matches exclude_containers {glob!r}"
         for spec in self.include_labels:
             if not label_matches(info.labels, spec):
