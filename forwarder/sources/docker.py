@@ -43,7 +43,7 @@ COMPOSE_NUMBER_LABEL = "com.docker.compose.container-number"
 COMPOSE_ONEOFF_LABEL = "com.docker.compose.oneoff"
 COMPOSE_SLUG_LABEL = "com.docker.compose.slug"
 CONFIG_FILE = "config.v2.json"
-LOG_GLOB = "*-json.log"  # rotated files (<id>-json.log.1, ...) are followed by identity
+LOG_GLOB = "*-json.log"  # its rotated copies (<id>-json.log.1, ...) are read too
 
 _FULL_ID = re.compile(r"^[0-9a-f]{64}$")
 _SHORT_ID = re.compile(r"^[0-9a-f]{12}$")
@@ -377,6 +377,7 @@ class DockerFilesSource:
             exit_on_eof=exit_on_eof,
             ignore_identities=ignore_identities,
             describe=self.describe,
+            rotations=True,
         )
 
     def describe(self, path: str) -> FileTarget | None:

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import fnmatch
 import glob
+import gzip
 import hashlib
 import logging
 import os
@@ -49,7 +50,9 @@ from forwarder.config import FileSourceConfig
 from forwarder.event import Position, RawChunk
 from forwarder.pipeline.multiline import build_grouper
 from forwarder.sources.framing import Records, build_framer
+from forwarder.sources.rotations import chain_of, list_copies
 from forwarder.sources.spooled import FramedGrouper
+from forwarder.sources.watch import FolderWatcher
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +270,7 @@ class _TrackedFile:
     target: FileTarget | None = None  # None: the source's own service, no meta
     records: FramedGrouper | None = None  # None: raw lines, no grouping (the fast path)
     carry: Records | None = None  # released when the file was truncated, not yet emitted
+    chain: str | None = None  # with rotations: the written file this is (or was, a copy of)
 
 
 class FileSource:
@@ -281,9 +285,17 @@ class FileSource:
         exit_on_eof: bool = False,
         ignore_identities: frozenset[tuple[int, int]] = frozenset(),
         describe: Callable[[str], FileTarget | None] | None = None,
+        rotations: bool = False,
     ) -> None:
         """`ignore_identities`: (st_dev, st_ino) of files never to read, such as the
         forwarder's own stderr (see `own_output_identities`).
+
+        `rotations`: the numbered copies of every matched file (`x.log.1` ... `x.log.N`,
+        `sources.rotations`) are read too, oldest first, before the file itself, so a
+        copy created and rotated away between two scans is not missed (dockerd's
+        json-file logs). Copies that existed before the first start are the file's
+        history: read with read_from = "head", skipped with "tail"; a copy newer than
+        one read before (rotated while the forwarder was down) is always read.
 
         `describe(path)` is called before a matched path is opened (again at every scan
         while it is not tracked; a file recovered after a rotation while down is passed
@@ -301,6 +313,20 @@ class FileSource:
         # (an inode can be reused after its file was deleted).
         self._resume: dict[str, Position] = dict(checkpoints)
         self._files: dict[str, _TrackedFile] = {}
+        self._rotations = rotations
+        # Written files of which some file was read before (a checkpoint names it or a
+        # copy of it): their copies on disk at start are not history to skip.
+        self._chains_read = {
+            chain_of(cp.detail["path"])
+            for cp in checkpoints.values()
+            if rotations and cp.source == config.name and isinstance(cp.detail.get("path"), str)
+        }
+        # Identities not to open again while (size, mtime) is unchanged: copies read to
+        # their end and closed, history skipped. Bounded, oldest first out.
+        self._unchanged: dict[str, tuple[int, int]] = {}
+        self._finished_fps: dict[tuple[str, int], int] = {}  # (fp, fp_len) -> final offset
+        self._opened_paths: dict[str, None] = {}  # recently opened or skipped (bounded)
+        self._watcher: FolderWatcher | None = None
         self._warned: set[tuple[str, str]] = set()
         self._log_extra = {"component": COMPONENT, "source": config.name}
         self._state = "starting"
@@ -310,6 +336,10 @@ class FileSource:
         self.lines_truncated = 0
         self.truncations_detected = 0
         self.rotations_detected = 0
+        self.rotated_copies_opened = 0
+        self.history_copies_skipped = 0
+        self.compressed_copies_unread = 0
+        self.files_missed = 0
         self.decode_errors = 0
         cfg = config
         self._framed = cfg.format != "raw" or cfg.multiline.mode != "off"
@@ -339,8 +369,13 @@ class FileSource:
             "lines_truncated": self.lines_truncated,
             "truncations_detected": self.truncations_detected,
             "rotations_detected": self.rotations_detected,
+            "rotated_copies_opened": self.rotated_copies_opened,
+            "history_copies_skipped": self.history_copies_skipped,
+            "compressed_copies_unread": self.compressed_copies_unread,
+            "files_missed": self.files_missed,
             "decode_errors": self.decode_errors,
             "scans": self._scans,
+            "watched_folders": self._watcher.folders if self._watcher is not None else 0,
         }
 
     def progress(self) -> tuple[int, int]:
@@ -353,17 +388,25 @@ class FileSource:
     async def run(self, out: asyncio.Queue[Any], stop: asyncio.Event) -> None:
         cfg = self._config
         self._state = "ok"
+        watcher = self._watcher = None if self._exit_on_eof else FolderWatcher(self._log_extra)
         try:
             self._scan()
             next_scan = self._clock.monotonic() + cfg.glob_interval_s
             while not stop.is_set():
-                if not self._exit_on_eof and self._clock.monotonic() >= next_scan:
+                changed = watcher is not None and watcher.take()
+                if not self._exit_on_eof and (changed or self._clock.monotonic() >= next_scan):
                     self._scan()
                     next_scan = self._clock.monotonic() + cfg.glob_interval_s
                 had_data = False
+                # Files are tracked in the order they were found, so the copies of one
+                # written file come oldest first: a copy is read only once every older
+                # copy is read to its end (rows in the order they were written).
+                unfinished: set[str] = set()
                 for f in list(self._files.values()):
                     if stop.is_set():
                         return
+                    if f.chain is not None and f.chain in unfinished:
+                        continue
                     chunk, got = self._read(f)
                     had_data = had_data or got
                     if not got:  # at its end: maybe done with it
@@ -375,18 +418,34 @@ class FileSource:
                         chunk = self._release_due(f)
                     if chunk is not None and not await self._emit(out, chunk, stop):
                         return
+                    if f.chain is not None and f.key in self._files:
+                        if got or not f.rotated or f.offset < f.size:
+                            unfinished.add(f.chain)
                 if self._exit_on_eof and not self._files:
                     return
                 if had_data:
                     await asyncio.sleep(0)  # let the consumers run between rounds
                 else:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self._idle_wait()):
-                            await stop.wait()
+                    await self._idle(stop, watcher)
         finally:
             for f in list(self._files.values()):
                 self._close(f)
+            if watcher is not None:
+                watcher.close()
             self._state = "stopped"
+
+    async def _idle(self, stop: asyncio.Event, watcher: FolderWatcher | None) -> None:
+        """Until stop, a watched folder changes, or the idle wait is over."""
+        changed = watcher.readable() if watcher is not None else None
+        stopped = asyncio.ensure_future(stop.wait())
+        waits: list[asyncio.Future[Any]] = [stopped] if changed is None else [stopped, changed]
+        try:
+            await asyncio.wait(
+                waits, timeout=self._idle_wait(), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for w in waits:
+                w.cancel()
 
     def _idle_wait(self) -> float:
         """poll_interval_s, or less when a held record is due sooner (by the clock)."""
@@ -610,7 +669,10 @@ class FileSource:
         """Match the globs; open new files; notice rotation (a path naming another file)."""
         first = self._scans == 0
         self._scans += 1
+        if self._watcher is not None:
+            self._watcher.watch(self._folders_to_watch())
         seen: dict[str, str] = {}  # key -> path
+        copies: dict[str, str] = {}  # key -> path, of tracked rotated copies
         matched: set[str] = set()  # keys of every regular file matched, opened or not
         for path in self._matched_paths():
             try:
@@ -630,8 +692,11 @@ class FileSource:
             matched.add(key)
             if key in seen:
                 continue  # a second link to a file already matched
+            tail_allowed = first
+            if self._rotations:
+                tail_allowed = self._scan_copies(path, first, copies, matched)
             if key not in self._files:
-                key = self._open(path, first)
+                key = self._open(path, tail_allowed, chain=path if self._rotations else None)
                 if key is None:
                     continue
             seen[key] = path
@@ -652,8 +717,165 @@ class FileSource:
                     f.path,
                     extra=self._log_extra,
                 )
+        for key, path in copies.items():
+            f = self._files[key]
+            if f.rotated:
+                f.path = path  # its name now, for status and the checkpoint's detail
         if first:
             self._recover_rotated(matched)
+        if self._watcher is not None:
+            self._count_missed(self._watcher.created)
+
+    # -- rotated copies ----------------------------------------------------------------
+
+    def _scan_copies(
+        self, path: str, first: bool, copies: dict[str, str], matched: set[str]
+    ) -> bool:
+        """Open the numbered copies of the written file at path not read yet, oldest
+        first; return whether the written file may start at its tail (read_from).
+
+        On the first scan, copies are history when nothing of this file was read
+        before: read with read_from = "head", skipped with "tail". When something
+        was (a checkpoint names it), the copies older than the oldest one read are
+        history too, and every newer one was written while the forwarder was down:
+        read, as is the written file from its head. While running, every copy not
+        seen before is new: read.
+        """
+        listing = list_copies(path)
+        for gz in listing.compressed:
+            self._check_compressed(gz)
+        read_before = path in self._chains_read
+        history = first and (read_before or self._config.read_from == "tail")
+        if history and read_before:
+            # Only copies older than one that holds a checkpoint are history; when no
+            # such copy is left (all rotated out since), every copy is newer.
+            history = any(self._holds_checkpoint(p) for p in [*listing.plain, path])
+        for copy in listing.plain:
+            try:
+                st = os.stat(copy)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or self._is_own_output(copy, st):
+                continue
+            key = f"{st.st_dev}:{st.st_ino}"
+            matched.add(key)
+            if key in self._files:
+                copies[key] = copy
+                continue
+            if self._unchanged.get(key) == (st.st_size, st.st_mtime_ns):
+                continue
+            if history:
+                if not self._holds_checkpoint(copy):
+                    self._remember_unchanged(key, st)
+                    self.history_copies_skipped += 1
+                    log.debug("skipping %s: history before the first start", copy,
+                              extra=self._log_extra)  # fmt: skip
+                    continue
+                history = False  # read before: every newer copy is read
+            if self._open(copy, False, chain=path, rotated=True) is not None:
+                self.rotated_copies_opened += 1
+        return first and not read_before
+
+    def _holds_checkpoint(self, path: str) -> bool:
+        """Whether the file at path is one a checkpoint was taken on (identity and head)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            checkpoint = self._resume.get(f"{st.st_dev}:{st.st_ino}")
+            return checkpoint is not None and _is_checkpointed_file(fd, checkpoint, st.st_size)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _check_compressed(self, path: str) -> None:
+        """A compressed copy (`x.log.N.gz`) is not read: counted and warned about, once,
+        unless it is a file read to its end before it was compressed (its uncompressed
+        head and size are those of a file this source finished)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        key = f"{st.st_dev}:{st.st_ino}"
+        if key in self._unchanged:
+            return
+        self._remember_unchanged(key, st)
+        try:
+            with open(path, "rb") as raw:
+                raw.seek(-4, os.SEEK_END)
+                size = int.from_bytes(raw.read(4), "little")  # ISIZE: length mod 2**32
+                raw.seek(0)
+                with gzip.GzipFile(fileobj=raw) as gz:
+                    head = gz.read(min(size, self._config.fingerprint_bytes))
+        except (OSError, EOFError):
+            head, size = b"", -1
+        if self._finished_fps.get((_sha1(head), len(head))) == size:
+            return
+        self.compressed_copies_unread += 1
+        log.warning(
+            "not reading %s: compressed rotated copies are not read; the lines in it that "
+            "were not read before it was compressed are lost (counted in "
+            "compressed_copies_unread). Size max-file and max-size for the longest "
+            "outage, or rotate without compression",
+            path,
+            extra=self._log_extra,
+        )
+
+    def _remember_unchanged(self, key: str, st: os.stat_result) -> None:
+        self._unchanged.pop(key, None)
+        self._unchanged[key] = (st.st_size, st.st_mtime_ns)
+        while len(self._unchanged) > MAX_REMEMBERED:
+            del self._unchanged[next(iter(self._unchanged))]
+
+    def _remember_finished(self, f: _TrackedFile) -> None:
+        """f is read to its end and closed: do not open it again unless it changes."""
+        if f.chain is None:
+            return
+        try:
+            self._remember_unchanged(f.key, os.fstat(f.fd))
+        except OSError:
+            return
+        self._finished_fps[(f.fp, f.fp_len)] = f.offset
+        while len(self._finished_fps) > MAX_REMEMBERED:
+            del self._finished_fps[next(iter(self._finished_fps))]
+
+    # -- watched folders ---------------------------------------------------------------
+
+    def _folders_to_watch(self) -> set[str]:
+        """The folders the globs can match files in, and the fixed folder above them
+        (where new matching folders appear: dockerd's containers/ for a new container)."""
+        folders: set[str] = set()
+        for pattern in self._config.paths:
+            parent = os.path.dirname(pattern) or "."
+            if _has_magic(parent):
+                fixed = parent
+                while _has_magic(fixed):
+                    fixed = os.path.dirname(fixed) or "."
+                folders.add(fixed)
+                folders.update(p for p in glob.glob(parent, recursive=True) if os.path.isdir(p))
+            else:
+                folders.add(parent)
+        return folders
+
+    def _count_missed(self, created: set[str]) -> None:
+        """Files matched by the globs that were created and gone again before they could
+        be opened (a `docker run --rm` that ended within milliseconds): counted, warned."""
+        for path in created:
+            if path in self._opened_paths or not self._watched(path):
+                continue
+            if os.path.lexists(path):
+                continue
+            self.files_missed += 1
+            log.warning(
+                "%s was created and deleted before it could be opened: its lines are lost "
+                "(counted in files_missed)",
+                path,
+                extra=self._log_extra,
+            )
+        created.clear()
 
     def _matched_paths(self) -> list[str]:
         paths: set[str] = set()
@@ -772,8 +994,17 @@ class FileSource:
             extra=self._log_extra,
         )
 
-    def _open(self, path: str, first_scan: bool) -> str | None:
-        """Open and start tracking the file at path; its key, or None if it was skipped."""
+    def _open(
+        self, path: str, tail_allowed: bool, *, chain: str | None = None, rotated: bool = False
+    ) -> str | None:
+        """Open and start tracking the file at path; its key, or None if it was skipped.
+
+        `tail_allowed`: read_from = "tail" applies (a first scan). `chain`: the written
+        file it belongs to (with rotations); `rotated`: it is a rotated copy, read to
+        its end and closed (at once when a checkpoint says it was read to its end)."""
+        self._opened_paths[path] = None
+        while len(self._opened_paths) > MAX_REMEMBERED:
+            del self._opened_paths[next(iter(self._opened_paths))]
         target = self._target_of(path)
         if target is False:
             return None
@@ -791,7 +1022,7 @@ class FileSource:
                 os.close(fd)
                 return key if key in self._files else None
             checkpoint = self._resume.get(key)
-            offset, skip = self._start_offset(fd, key, st.st_size, first_scan)
+            offset, skip = self._start_offset(fd, key, st.st_size, tail_allowed)
         except OSError as e:
             os.close(fd)
             self._warn_once(path, "open", "cannot read %s: %s", path, e.strerror)
@@ -807,11 +1038,18 @@ class FileSource:
             last_growth=self._clock.monotonic(),
             target=target,
             records=self._new_records(),
+            chain=chain,
+            rotated=rotated,
         )
         if checkpoint is not None and offset > 0:  # verified: its fingerprint holds
             f.fp, f.fp_len = checkpoint.detail["fp"], checkpoint.detail["fp_len"]
         elif offset > 0:  # read_from tail: so that a rewrite before it grows is noticed
             self._refresh_fingerprint(f)
+        if rotated and offset >= st.st_size:  # a copy read to its end before
+            self._refresh_fingerprint(f)
+            self._remember_done(f)
+            self._close(f)
+            return None
         log.debug("tailing %s (%s) from offset %d", path, key, offset, extra=self._log_extra)
         return key
 
@@ -848,37 +1086,42 @@ class FileSource:
         self._undescribed.discard(path)
         return target
 
-    def _start_offset(self, fd: int, key: str, size: int, first_scan: bool) -> tuple[int, bool]:
+    def _start_offset(self, fd: int, key: str, size: int, tail_allowed: bool) -> tuple[int, bool]:
         """Where a newly opened file starts, and whether to skip a partial first line."""
         checkpoint = self._resume.pop(key, None)
         if checkpoint is not None:
             return _verified_offset(fd, checkpoint, size), False
-        if first_scan and self._config.read_from == "tail" and size > 0:
+        if tail_allowed and self._config.read_from == "tail" and size > 0:
             # Existing content is skipped; so is the rest of a line being written now.
             return size, os.pread(fd, 1, size - 1) != b"\n"
         return 0, False
 
     def _maybe_release(self, f: _TrackedFile) -> RawChunk | None:
-        """A rotated-away file at its end: once deleted or idle for rotate_wait_s, close it.
+        """A rotated-away file at its end: close it once deleted, idle for rotate_wait_s, or
+        at once for a numbered copy (rotations).
 
         Nothing will complete its unfinished last line any more, so that is emitted.
         """
         idle = self._clock.monotonic() - f.last_growth
-        if not f.deleted and idle < self._config.rotate_wait_s:
+        # A numbered copy (f.chain) is never written again: its writer has moved on to a
+        # newer file, and that file waits until this one is finished.
+        if not f.deleted and idle < self._config.rotate_wait_s and f.chain is None:
             return None
         log.info("done with rotated %s (%s)", f.path, f.key, extra=self._log_extra)
         if not f.deleted:  # it may show up again under a watched path: resume, not repeat
             self._refresh_fingerprint(f)
-            self._resume.pop(f.key, None)
-            self._resume[f.key] = Position(
-                self._config.name,
-                f.key,
-                f.offset,
-                {"path": f.path, "fp": f.fp, "fp_len": f.fp_len},
-            )
-            while len(self._resume) > MAX_REMEMBERED:
-                del self._resume[next(iter(self._resume))]
+            self._remember_done(f)
         return self._finish(f)
+
+    def _remember_done(self, f: _TrackedFile) -> None:
+        """f is closed at its end for good: resume it there if it shows up again."""
+        self._resume.pop(f.key, None)
+        self._resume[f.key] = Position(
+            self._config.name, f.key, f.offset, {"path": f.path, "fp": f.fp, "fp_len": f.fp_len}
+        )
+        while len(self._resume) > MAX_REMEMBERED:
+            del self._resume[next(iter(self._resume))]
+        self._remember_finished(f)
 
     def _close(self, f: _TrackedFile) -> None:
         if self._files.get(f.key) is f:
@@ -905,6 +1148,10 @@ def own_output_identities() -> frozenset[tuple[int, int]]:
         if stat.S_ISREG(st.st_mode):
             identities.add((st.st_dev, st.st_ino))
     return frozenset(identities)
+
+
+def _has_magic(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
 
 
 def _sha1(data: bytes) -> str:

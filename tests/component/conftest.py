@@ -9,6 +9,7 @@ import pytest
 from aiohttp import web
 
 from tests.component.receiver import Receiver
+from tests.component.tailing import tail  # noqa: F401 (a fixture for the FileSource tests)
 from tests.support import serving
 
 
