@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tests.dockerd_fixtures import new_dockerd, real_dockerd  # noqa: F401 (fixtures)
 from tests.support import FakeClock
 
 
