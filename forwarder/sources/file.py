@@ -1007,6 +1007,10 @@ class FileSource:
             del self._opened_paths[next(iter(self._opened_paths))]
         target = self._target_of(path)
         if target is False:
+            if rotated:  # a copy never changes: not described again while it stays so
+                with contextlib.suppress(OSError):
+                    st = os.stat(path)
+                    self._remember_unchanged(f"{st.st_dev}:{st.st_ino}", st)
             return None
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
