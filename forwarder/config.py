@@ -145,8 +145,9 @@ class TailConfig(Section):
 
     read_from: Literal["head", "tail"] = Field(
         "head",
-        description="where to start a file present at first start with no checkpoint; "
-        "files that appear later are always read from the head",
+        description="where to start a file present at first start with no checkpoint "
+        "(for docker: also whether a container's rotated copies are read); files that "
+        "appear later are always read from the head",
     )
     max_line_bytes: int = Field(
         1_048_576, ge=256, description="longer lines are cut here and flagged meta.truncated"
