@@ -15,6 +15,8 @@ Series (counters end in _total):
     forwarder_source_lines_read_total{source}      lines read by each source
     forwarder_source_bytes_read_total{source}
     forwarder_source_lag_bytes{source}             bytes known but not read yet
+    forwarder_source_files_unread_total{source,reason}  files whose lines could not be read:
+                                                   deleted_before_open, compressed
     forwarder_normalize_lines_total                lines into the normalize stage
     forwarder_sampler_events_sampled_out_total     events sampling kept out of the table
     forwarder_sink_rows_written_total
@@ -69,6 +71,11 @@ class SourceStats:
     lines_read: int = 0
     bytes_read: int = 0
     lag_bytes: int = 0
+    files_unread: Mapping[str, int] = field(default_factory=dict)  # reason -> files
+
+
+# Status counters of a file source (files mode too) -> the reason label of files_unread.
+UNREAD_REASONS = {"files_missed": "deleted_before_open", "compressed_copies_unread": "compressed"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,13 +211,22 @@ def _families(s: Snapshot) -> Iterator[Metric]:
         "not yet fed)",
         labels=["source"],
     )
+    unread = CounterMetricFamily(
+        "forwarder_source_files_unread",
+        "Files whose lines the source could not read: deleted before it could open them, "
+        "or compressed rotated copies not read before (their lines are lost)",
+        labels=["source", "reason"],
+    )
     for src in s.sources:
         lines.add_metric([src.name], src.lines_read)
         read.add_metric([src.name], src.bytes_read)
         lag.add_metric([src.name], src.lag_bytes)
+        for reason, files in src.files_unread.items():
+            unread.add_metric([src.name, reason], files)
     yield lines
     yield read
     yield lag
+    yield unread
     yield _counter(
         "forwarder_normalize_lines", "Lines into the normalize stage", s.lines_normalized
     )
@@ -361,6 +377,11 @@ def snapshot_of(pipeline: Any, intake: Any = None) -> Snapshot:
                 lines_read=int(status.get("lines_read") or 0),
                 bytes_read=int(status.get("bytes_read") or 0),
                 lag_bytes=int(lag),
+                files_unread={
+                    reason: int(status[key])
+                    for key, reason in UNREAD_REASONS.items()
+                    if key in status
+                },
             )
         )
         components[f"source:{name}"] = str(status.get("state"))

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
 from tests.dockerd import Container, RealDockerd
 from tests.integration.daemon import Daemon, connected, write_config
+from tests.support import free_port, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -76,13 +78,13 @@ class Cell:
     def make(cls, engine: RealDockerd, tmp_path: Path, dsn: str, schema: str) -> Cell:
         return cls(engine, tmp_path, dsn, schema, secrets.token_hex(4))
 
-    async def start_forwarder(self, **keys: str) -> Daemon:
+    async def start_forwarder(self, http: str = "", **keys: str) -> Daemon:
         config = write_config(
             self.tmp_path / "f.toml",
             dsn=self.dsn,
             schema=self.schema,
             files={},
-            extra=docker_source(self.engine, self.token, **keys),
+            extra=http + docker_source(self.engine, self.token, **keys),
         )
         self.daemon = await Daemon(config).start()
         await self.wait_log('"startup.source"', what="the source's start-up line")
@@ -276,3 +278,33 @@ async def test_compose_v1_and_v2_containers_map_to_their_services(
         ("jobs", "seq=1 from worker"),  # services key in v1's spelling, container in v2's
         ("shop-api", "seq=0 from api"),
     ]
+
+
+async def test_compressed_copies_not_read_before_are_counted_in_the_metrics(
+    real_dockerd: RealDockerd, tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> None:
+    cell = Cell.make(real_dockerd, tmp_path, pg_dsn, pg_schema)
+    lines = 1500
+    printer = cell.run(printer_script(lines, 2000), log_opts={**ROTATION, "compress": "true"})
+    assert await exited(printer) == 0
+    folder = printer.log_path.parent
+    gz = sorted(p.name for p in folder.glob("*-json.log.*.gz"))
+    plain = [m for m in printer.messages() if m[1].startswith("seq=")]  # what is not compressed
+    assert gz, "no compressed copy: resize the test"
+    port = free_port()
+    await cell.start_forwarder(http=f'[http]\nenabled = true\nlisten = "127.0.0.1:{port}"\n')
+    async with connected(cell.dsn, cell.schema) as conn:
+        await wait_until(
+            lambda: conn.fetchval("SELECT count(*) >= $1 FROM system_logs", len(plain)),
+            what="the uncompressed lines",
+        )
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
+        metrics = await r.text()
+    rows = await cell.settle(len(plain))
+    # The history in .gz copies is not read: counted, each copy once, and said so.
+    unread = 'forwarder_source_files_unread_total{reason="compressed",source="containers"}'
+    assert f"{unread} {float(len(gz))}" in metrics, metrics
+    assert numbers_of(rows) == [int(text.split()[0][4:]) for _, text in plain]
+    assert (
+        cell.daemon is not None and "compressed rotated copies are not read" in cell.daemon.stderr()
+    )
