@@ -48,6 +48,9 @@ DOCKER = "/usr/bin/docker"  # Debian's client, the engine's version (not /usr/lo
 BUSYBOX = "/bin/busybox"  # busybox-static: it runs in an image with no libc
 DEBOOTSTRAP = _tool("debootstrap")
 NO_DOCKERD = "no dockerd: run .ci/install-docker (needs root)"
+# Tests sharing an engine label their containers `TEST_LABEL=<token of the test>` and
+# read only those (a docker source's include_labels).
+TEST_LABEL = "forwarder.test"
 
 # Change it to rebuild every cached rootfs (what debootstrap installs, or how it is trimmed).
 ROOTFS_VERSION = "bookworm-minbase-python3-pip-venv-1"
@@ -127,6 +130,11 @@ def python_rootfs() -> Path:
         tarball = folder / f"rootfs-{ROOTFS_VERSION}.tar"
         if tarball.exists():
             return tarball
+        for stale in folder.glob("rootfs-*"):  # earlier versions, builds cut short
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink()
         work = Path(tempfile.mkdtemp(prefix="rootfs-", dir=folder))
         try:
             root = work / "root"
@@ -150,9 +158,6 @@ def python_rootfs() -> Path:
             os.replace(partial, tarball)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        for old in folder.glob("rootfs-*.tar"):  # earlier versions
-            if old != tarball:
-                old.unlink(missing_ok=True)
         return tarball
 
 
@@ -489,6 +494,31 @@ class RealDockerd:
         else:
             self.docker(*args, input=tar, timeout_s=300)
         return name
+
+    def build(
+        self,
+        tag: str,
+        context: Path,
+        *,
+        dockerfile: str | None = None,
+        build_args: Mapping[str, str] | None = None,
+        timeout_s: float = 600,
+    ) -> str:
+        """`docker build` with BuildKit and no network (nothing can be pulled); the
+        text `dockerfile` (on stdin) instead of the context's Dockerfile when given."""
+        args = ["build", "--network", "none", "--tag", tag]
+        for key, value in (build_args or {}).items():
+            args += ["--build-arg", f"{key}={value}"]
+        if dockerfile is not None:
+            args += ["--file", "-"]
+        self.docker(
+            *args,
+            str(context),
+            input=None if dockerfile is None else dockerfile.encode(),
+            env={"DOCKER_BUILDKIT": "1"},
+            timeout_s=timeout_s,
+        )
+        return tag
 
     def has_image(self, name: str) -> bool:
         return self.docker("image", "inspect", name, check=False).returncode == 0

@@ -14,13 +14,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.dockerd import RealDockerd
+from tests.dockerd import TEST_LABEL, RealDockerd
 from tests.integration.daemon import Daemon, connected, write_config
 from tests.integration.test_containers import TRACEBACK_PROGRAM
 
 pytestmark = pytest.mark.docker
-
-LABEL = "forwarder.test"
 
 
 def docker_source(engine: RealDockerd, token: str) -> str:
@@ -31,7 +29,7 @@ type = "docker"
 name = "containers"
 mode = "files"
 containers_dir = "{engine.containers_dir}"
-include_labels = ["{LABEL}={token}"]
+include_labels = ["{TEST_LABEL}={token}"]
 read_from = "head"
 poll_interval_s = 0.02
 glob_interval_s = 0.05
@@ -62,7 +60,7 @@ async def test_numbered_lines_of_a_container_are_stored_once_each(
         "1",
         "1000",
         name=f"numbers-{token}",
-        labels={LABEL: token},
+        labels={TEST_LABEL: token},
         log_opts={"max-size": "200k", "max-file": "10"},
     )
     assert printer.wait() == 0
@@ -94,7 +92,7 @@ async def test_a_real_python_traceback_is_one_error_row(
         program,
         name=f"api-{token}",
         init=True,
-        labels={LABEL: token, "com.docker.compose.service": "api"},
+        labels={TEST_LABEL: token, "com.docker.compose.service": "api"},
     )
     assert python.wait() == 0
     stdout, stderr = python.logs()
