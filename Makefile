@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench chaos clean
+.PHONY: run test test-docker lint bench chaos clean
 
 run: $(STAMP)
 	@mkdir -p var/log
@@ -14,6 +14,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# The tests against a real private dockerd (tests/dockerd.py): installs docker.io,
+# busybox-static and debootstrap first (.ci/install-docker). dockerd needs root, so
+# pytest runs as root (through sudo when you are not).
+test-docker: $(STAMP)
+	bash .ci/install-docker
+	FORWARDER_REQUIRE_DOCKER=1 $(if $(filter 0,$(shell id -u)),,sudo -E) $(BIN)/pytest -m docker
 
 lint: $(STAMP)
 	$(BIN)/ruff check forwarder tests
