@@ -245,7 +245,6 @@ class RealDockerd:
         self.log_file = self.folder / "dockerd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start_seconds: float | None = None  # how long the last start took
-        self._images: dict[str, str] = {}
 
     # -- the engine ----------------------------------------------------------------------
 
@@ -267,6 +266,7 @@ class RealDockerd:
             return self
         started = time.monotonic()
         self.socket.unlink(missing_ok=True)
+        self._clear_stale_pidfiles()
         with self.log_file.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -296,6 +296,25 @@ class RealDockerd:
         self.start_seconds = time.monotonic() - started
         return self
 
+    def _clear_stale_pidfiles(self) -> None:
+        """Pidfiles naming a process that is gone, a zombie or another program.
+
+        dockerd refuses to start over its own pidfile while that pid is alive, and waits
+        in vain for the containerd of containerd.pid while it is: after a SIGKILL the
+        old containerd can linger as a zombie until it is reaped, and pids are reused.
+        Our dockerd is not running here, so its pidfile is always stale."""
+        self.pidfile.unlink(missing_ok=True)
+        containerd_pidfile = self.exec_root / "containerd" / "containerd.pid"
+        try:
+            pid = int(containerd_pidfile.read_text().strip())
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            containerd_pidfile.unlink(missing_ok=True)
+            return
+        if state == "Z" or str(self.exec_root).encode() not in cmdline:
+            containerd_pidfile.unlink(missing_ok=True)
+
     def ping(self) -> bool:
         """Whether the engine answers GET /_ping on its socket."""
         try:
@@ -303,9 +322,10 @@ class RealDockerd:
                 s.settimeout(2)
                 s.connect(str(self.socket))
                 s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-                return s.recv(64).startswith(b"HTTP/1.0 200") or False
+                status = s.recv(64).split(b"\r\n", 1)[0].split()
         except OSError:
             return False
+        return status[1:2] == [b"200"]
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, wait for the process to end (SIGKILL after `timeout_s`); its status."""
@@ -337,7 +357,13 @@ class RealDockerd:
         return self.start()
 
     def close(self) -> None:
-        """Remove every container, stop the engine, delete its folder."""
+        """Remove every container, stop the engine, delete its folder.
+
+        An engine that was killed or stopped with --live-restore may have left
+        containers running: it is started again first, so that it removes them."""
+        if self.proc is not None and self.pid is None:
+            with contextlib.suppress(DockerError):
+                self.start()
         if self.pid is not None:
             with contextlib.suppress(DockerError, subprocess.TimeoutExpired):
                 ids = self.docker("ps", "-aq").stdout.split()

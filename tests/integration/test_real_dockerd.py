@@ -9,6 +9,7 @@ itself holds in the containers' json-file logs.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -113,3 +114,17 @@ async def test_a_real_python_traceback_is_one_error_row(
     assert failure["message"].count("\n") == stderr.rstrip("\n").count("\n")
     meta = orjson.loads(failure["meta"])
     assert (meta["exc_type"], meta["exc_message"]) == ("KeyError", "'cart'")
+
+
+def test_an_engine_killed_with_live_restore_comes_back_with_its_container(
+    new_dockerd: Callable[..., RealDockerd],
+) -> None:
+    """The helper's kill -9 and restart (what the matrix's dockerd cells rest on)."""
+    engine = new_dockerd(flags=("--live-restore",))
+    sleeper = engine.run(engine.busybox_image(), "sleep", "600", init=True)
+    engine.kill()
+    assert not engine.ping()
+    engine.start()  # over the dead engine's pidfiles
+    assert sleeper.inspect()["State"]["Running"]
+    sleeper.stop(timeout_s=10)
+    assert sleeper.wait() == 128 + 15  # docker-init passed SIGTERM on to sleep
