@@ -139,6 +139,9 @@ def assert_exactly_once(stored: list[int], written: range, why: str = "") -> Non
     counts = collections.Counter(stored)
     lost = [n for n in written if n not in counts]
     repeated = sorted(n for n, c in counts.items() if c > 1)
+    # The matrix's figures (`make docker-matrix` shows them; pytest -rP in CI logs).
+    print(f"{why}: written {len(written)}, stored {len(stored)}, lost {len(lost)}, "
+          f"repeated {len(stored) - len(counts)}")  # fmt: skip
     assert (len(lost), repeated[:10]) == (0, []), (
         f"{why}: {len(stored)} stored of {len(written)} written; "
         f"lost {len(lost)} (first {lost[:10]}), repeated {len(repeated)}"
