@@ -1,17 +1,26 @@
-"""A fake Docker Engine API on a unix socket, scripted per test.
+"""A scripted stand-in for the Docker Engine API on a unix socket, for the faults a real
+dockerd cannot be made to produce on demand (a stream cut inside a frame, an event
+stream aborted, a re-send at an exact message); everything else is tested against a
+real dockerd (tests/dockerd.py).
 
-It speaks the documented wire format of the endpoints the api-mode source uses:
-HTTP/1.1 over a unix socket; `GET /containers/json`, `GET /containers/{id}/json`;
+It speaks the wire format of the endpoints the api-mode source uses as Debian's
+dockerd 20.10.24 (API 1.41) does, checked with curl on its socket: HTTP/1.1 over a
+unix socket; `GET /containers/json`, `GET /containers/{id}/json`;
 `GET /containers/{id}/logs` with follow/stdout/stderr/timestamps/since/tail, streamed
-with chunked transfer encoding, multiplexed with the 8-byte header per frame
-(stream type, 3 zero bytes, big-endian uint32 length) unless the container has a TTY,
-every message prefixed by its RFC3339Nano timestamp (9 fraction digits, "Z") and a
-space; `GET /events` streaming one JSON object per event.
+with chunked transfer encoding and no Content-Type header, multiplexed with the 8-byte
+header per frame (stream type, 3 zero bytes, big-endian uint32 length) unless the
+container has a TTY, every message prefixed by its RFC3339Nano timestamp (9 fraction
+digits, "Z") and a space; `GET /events` streaming one JSON object per event.
 
 Log lines are stored the way dockerd's json-file driver stores them: one message per
 line, a line longer than 16 KB split into 16 KB messages (only the last ends in
-"\\n"), each message stamped separately; TTY lines end in "\\r\\n". `since` keeps the
-messages stamped at or after it, as dockerd does.
+"\\n"), every piece stamped with the line's first timestamp; TTY lines end in
+"\\r\\n". `since` keeps the messages stamped at or after it, as dockerd does.
+
+`rotate` starts a new json-file, as `--log-opt max-size` makes dockerd do, whoever
+reads: a follow stream that crosses it reads the new file to its end and then sends
+what it read of it once more from its start (dockerd 20.10 takes the new, smaller file
+for a truncated one); a new request reads the files whole.
 
 Faults: `break_logs` cuts the next logs stream of a container in the middle of a
 frame (then aborts the connection); `break_events` aborts the event streams; `close`
@@ -33,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 NS = 1_000_000_000
 PARTIAL_BYTES = 16 * 1024
@@ -176,6 +185,7 @@ class Container:
     tty: bool
     running: bool
     messages: list[Message] = field(default_factory=list)
+    rotations: list[int] = field(default_factory=list)  # where each new file starts
 
     def inspect(self) -> dict[str, Any]:
         return {
@@ -287,19 +297,33 @@ class FakeEngine:
         self._notify()
 
     def write(
-        self, cid: str, line: bytes | str, stream: str = "stdout", ts_ns: int | None = None
+        self,
+        cid: str,
+        line: bytes | str,
+        stream: str = "stdout",
+        ts_ns: int | None = None,
+        *,
+        rotate_after: int | None = None,
     ) -> None:
-        """The container writes one line: stored as dockerd's copier splits it."""
+        """The container writes one line: stored as dockerd's copier splits it;
+        `rotate_after`: a new file starts after that many of its pieces."""
         c = self.containers[cid]
         data = line.encode() if isinstance(line, str) else line
         pieces = [data[i : i + PARTIAL_BYTES] for i in range(0, len(data), PARTIAL_BYTES)]
         pieces = pieces or [b""]
         end = b"\r\n" if c.tty else b"\n"
+        stamp = self._tick() if ts_ns is None else ts_ns  # one for all the pieces
         for i, piece in enumerate(pieces):
+            if i == rotate_after:
+                self.rotate(cid)
             last = i == len(pieces) - 1
-            stamp = self._tick() if ts_ns is None else ts_ns
             c.messages.append(Message(stamp, stream, piece + end if last else piece))
         self._notify()
+
+    def rotate(self, cid: str) -> None:
+        """json-file rotation: the next message starts a new file."""
+        c = self.containers[cid]
+        c.rotations.append(len(c.messages))
 
     def break_logs(self, cid: str, *, after: int, cut: int) -> None:
         """The next logs stream of `cid` sends `after` messages whole, then the first
@@ -369,22 +393,27 @@ class FakeEngine:
         stamps = q.get("timestamps") in ("1", "true")
         wanted = {s for s in ("stdout", "stderr") if q.get(s) in ("1", "true")}
         since = parse_since(q["since"]) if "since" in q else None
-        resp = web.StreamResponse()
-        resp.content_type = (
-            "application/vnd.docker.raw-stream"
-            if c.tty
-            else "application/vnd.docker.multiplexed-stream"
-        )
+        resp = _NoContentType()  # API 1.41 names no type: the TTY flag tells
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         self._streams.add(resp)
         fault = self._breaks.pop(c.id, None)
         sent = 0
         index = len(c.messages) if q.get("tail") == "0" else 0
+        files_read = len(c.rotations)  # a new request reads the files there whole
+        crossed: int | None = None  # the start of a new file this stream has entered
         try:
             while not self._closing:
                 changed = self._changed
-                while index < len(c.messages):
+                while index < len(c.messages) or crossed is not None:
+                    if index == len(c.messages):  # the end of the new file: once more
+                        assert crossed is not None
+                        index, crossed = crossed, None
+                        continue
+                    if follow and files_read < len(c.rotations):
+                        if index == c.rotations[files_read]:
+                            files_read += 1
+                            crossed = index
                     m = c.messages[index]
                     index += 1
                     if (since is not None and m.ts_ns < since) or m.stream not in wanted:
@@ -432,6 +461,14 @@ class FakeEngine:
         finally:
             self._subscribers.remove(queue)
         return resp
+
+
+class _NoContentType(web.StreamResponse):
+    """A streamed answer without a Content-Type header (aiohttp adds one otherwise)."""
+
+    async def _write_headers(self) -> None:
+        self._headers.popall(hdrs.CONTENT_TYPE, None)
+        await super()._write_headers()
 
 
 def _abort(request: web.Request) -> None:
