@@ -27,6 +27,7 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.dockerd import TEST_LABEL as LABEL
 from tests.dockerd import Container, RealDockerd
 from tests.integration.daemon import Daemon, connected, write_config
 from tests.support import free_port, wait_until
@@ -34,7 +35,6 @@ from tests.support import free_port, wait_until
 pytestmark = pytest.mark.docker
 
 FULL = os.environ.get("FORWARDER_DOCKER_MATRIX") == "full"
-LABEL = "forwarder.test"
 ROTATION = {"max-size": "50k", "max-file": "10"}
 PAD = "the quick brown fox jumps over the lazy dog"  # ~115 bytes a line in json-file
 

@@ -18,23 +18,9 @@ import pytest
 from tests.dockerd import TEST_LABEL, RealDockerd
 from tests.integration.daemon import Daemon, connected, write_config
 from tests.integration.test_containers import TRACEBACK_PROGRAM
+from tests.integration.test_docker_files_real import docker_source
 
 pytestmark = pytest.mark.docker
-
-
-def docker_source(engine: RealDockerd, token: str) -> str:
-    """A files-mode docker source over the engine's containers, only this test's."""
-    return f"""
-[[sources]]
-type = "docker"
-name = "containers"
-mode = "files"
-containers_dir = "{engine.containers_dir}"
-include_labels = ["{TEST_LABEL}={token}"]
-read_from = "head"
-poll_interval_s = 0.02
-glob_interval_s = 0.05
-"""
 
 
 async def backfill(tmp_path: Path, dsn: str, schema: str, sources: str) -> list:
@@ -69,7 +55,12 @@ async def test_numbered_lines_of_a_container_are_stored_once_each(
     assert not list(printer.log_path.parent.glob("*-json.log.*")), "rotated: resize the test"
     assert held == [("stdout", str(n)) for n in range(1, 1001)]
 
-    rows = await backfill(tmp_path, pg_dsn, pg_schema, docker_source(real_dockerd, token))
+    rows = await backfill(
+        tmp_path,
+        pg_dsn,
+        pg_schema,
+        docker_source(real_dockerd, token, read_from='"head"', poll_interval_s="0.02"),
+    )
 
     assert [r["message"] for r in rows] == [text for _, text in held]
     metas = [orjson.loads(r["meta"]) for r in rows]
@@ -100,7 +91,12 @@ async def test_a_real_python_traceback_is_one_error_row(
     assert stdout == "cart service up\nstill serving\n"
     assert "Traceback (most recent call last):" in stderr and "KeyError: 'cart'" in stderr
 
-    rows = await backfill(tmp_path, pg_dsn, pg_schema, docker_source(real_dockerd, token))
+    rows = await backfill(
+        tmp_path,
+        pg_dsn,
+        pg_schema,
+        docker_source(real_dockerd, token, read_from='"head"', poll_interval_s="0.02"),
+    )
 
     assert {r["service"] for r in rows} == {"api"}  # the compose label
     by_stream: dict[str, list] = {}
