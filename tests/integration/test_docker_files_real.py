@@ -18,8 +18,8 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,7 @@ class Cell:
     schema: str
     token: str
     daemon: Daemon | None = None
-
-    @classmethod
-    def make(cls, engine: RealDockerd, tmp_path: Path, dsn: str, schema: str) -> Cell:
-        return cls(engine, tmp_path, dsn, schema, secrets.token_hex(4))
+    started: list[Daemon] = field(default_factory=list)
 
     async def start_forwarder(self, http: str = "", **keys: str) -> Daemon:
         config = write_config(
@@ -87,6 +84,7 @@ class Cell:
             extra=http + docker_source(self.engine, self.token, **keys),
         )
         self.daemon = await Daemon(config).start()
+        self.started.append(self.daemon)
         await self.wait_log('"startup.source"', what="the source's start-up line")
         return self.daemon
 
@@ -131,6 +129,24 @@ class Cell:
         return await self.rows()
 
 
+@pytest.fixture
+async def make_cell(
+    tmp_path: Path, pg_dsn: str, pg_schema: str
+) -> AsyncIterator[Callable[[RealDockerd], Cell]]:
+    """Factory: a Cell over an engine; a forwarder a failed test left running is killed."""
+    made: list[Cell] = []
+
+    def make(engine: RealDockerd) -> Cell:
+        made.append(Cell(engine, tmp_path, pg_dsn, pg_schema, secrets.token_hex(4)))
+        return made[-1]
+
+    yield make
+    for cell in made:
+        for daemon in cell.started:
+            if daemon.proc is not None and daemon.proc.returncode is None:
+                await daemon.kill9()
+
+
 def numbers_of(rows: list[Any]) -> list[int]:
     return [int(r["message"].split()[0][4:]) for r in rows if r["message"].startswith("seq=")]
 
@@ -156,9 +172,9 @@ async def exited(container: Container, timeout_s: float = 120) -> int:
 @pytest.mark.parametrize(("per_s", "lines"), [(300, 6000 if FULL else 1500),
                                               (2000, 20000 if FULL else 6000)])  # fmt: skip
 async def test_rotation_by_dockerd_loses_and_repeats_nothing(
-    real_dockerd: RealDockerd, tmp_path: Path, pg_dsn: str, pg_schema: str, per_s: int, lines: int
+    real_dockerd: RealDockerd, make_cell: Callable[[RealDockerd], Cell], per_s: int, lines: int
 ) -> None:
-    cell = Cell.make(real_dockerd, tmp_path, pg_dsn, pg_schema)
+    cell = make_cell(real_dockerd)
     await cell.start_forwarder()
     printer = cell.run(printer_script(lines, per_s))
     assert await exited(printer) == 0
@@ -169,10 +185,10 @@ async def test_rotation_by_dockerd_loses_and_repeats_nothing(
 
 
 async def test_kill_9_during_rotation_resumes_with_the_copies_made_while_down(
-    real_dockerd: RealDockerd, tmp_path: Path, pg_dsn: str, pg_schema: str
+    real_dockerd: RealDockerd, make_cell: Callable[[RealDockerd], Cell]
 ) -> None:
     lines, down_s = (6000, 10.0) if FULL else (3000, 3.0)
-    cell = Cell.make(real_dockerd, tmp_path, pg_dsn, pg_schema)
+    cell = make_cell(real_dockerd)
     daemon = await cell.start_forwarder()
     printer = cell.run(printer_script(lines, 300))
     await asyncio.sleep(2.0)  # the scenario: the forwarder dies while the container logs
@@ -187,14 +203,12 @@ async def test_kill_9_during_rotation_resumes_with_the_copies_made_while_down(
 @pytest.mark.parametrize("live_restore", [False, True])
 async def test_dockerd_restart_loses_and_repeats_nothing(
     new_dockerd: Callable[..., RealDockerd],
-    tmp_path: Path,
-    pg_dsn: str,
-    pg_schema: str,
+    make_cell: Callable[[RealDockerd], Cell],
     live_restore: bool,
 ) -> None:
     engine = new_dockerd(("--live-restore",) if live_restore else ())
     lines = 3000
-    cell = Cell.make(engine, tmp_path, pg_dsn, pg_schema)
+    cell = make_cell(engine)
     await cell.start_forwarder()
     # --init: the shell as PID 1 would ignore the SIGTERM of dockerd's shutdown.
     printer = cell.run(printer_script(lines, 300), init=True)
@@ -212,9 +226,9 @@ async def test_dockerd_restart_loses_and_repeats_nothing(
 
 
 async def test_one_off_rm_containers_are_read_before_dockerd_removes_them(
-    real_dockerd: RealDockerd, tmp_path: Path, pg_dsn: str, pg_schema: str
+    real_dockerd: RealDockerd, make_cell: Callable[[RealDockerd], Cell]
 ) -> None:
-    cell = Cell.make(real_dockerd, tmp_path, pg_dsn, pg_schema)
+    cell = make_cell(real_dockerd)
     await cell.start_forwarder()
     runs = 10 if FULL else 5
     for i in range(runs):
@@ -226,9 +240,9 @@ async def test_one_off_rm_containers_are_read_before_dockerd_removes_them(
 
 
 async def test_a_one_megabyte_line_is_one_row(
-    real_dockerd: RealDockerd, tmp_path: Path, pg_dsn: str, pg_schema: str
+    real_dockerd: RealDockerd, make_cell: Callable[[RealDockerd], Cell]
 ) -> None:
-    cell = Cell.make(real_dockerd, tmp_path, pg_dsn, pg_schema)
+    cell = make_cell(real_dockerd)
     await cell.start_forwarder(max_line_bytes="2097152")
     size = 1_000_000
     printer = cell.run(
@@ -243,9 +257,9 @@ async def test_a_one_megabyte_line_is_one_row(
 
 
 async def test_tty_containers_lines_lose_their_carriage_return(
-    real_dockerd: RealDockerd, tmp_path: Path, pg_dsn: str, pg_schema: str
+    real_dockerd: RealDockerd, make_cell: Callable[[RealDockerd], Cell]
 ) -> None:
-    cell = Cell.make(real_dockerd, tmp_path, pg_dsn, pg_schema)
+    cell = make_cell(real_dockerd)
     await cell.start_forwarder()
     lines = 1500
     printer = cell.run(printer_script(lines, 2000), tty=True)
@@ -256,9 +270,9 @@ async def test_tty_containers_lines_lose_their_carriage_return(
 
 
 async def test_compose_v1_and_v2_containers_map_to_their_services(
-    real_dockerd: RealDockerd, tmp_path: Path, pg_dsn: str, pg_schema: str
+    real_dockerd: RealDockerd, make_cell: Callable[[RealDockerd], Cell]
 ) -> None:
-    cell = Cell.make(real_dockerd, tmp_path, pg_dsn, pg_schema)
+    cell = make_cell(real_dockerd)
     project = f"p{cell.token}"
     await cell.start_forwarder(services=f'{{ "api" = "shop-api", "{project}_worker_1" = "jobs" }}')
     v1 = {  # what docker-compose 1.29.2 sets (tests/fixtures/dockerd/compose-v1-*.json)
@@ -284,9 +298,9 @@ async def test_compose_v1_and_v2_containers_map_to_their_services(
 
 
 async def test_compressed_copies_not_read_before_are_counted_in_the_metrics(
-    real_dockerd: RealDockerd, tmp_path: Path, pg_dsn: str, pg_schema: str
+    real_dockerd: RealDockerd, make_cell: Callable[[RealDockerd], Cell]
 ) -> None:
-    cell = Cell.make(real_dockerd, tmp_path, pg_dsn, pg_schema)
+    cell = make_cell(real_dockerd)
     lines = 1500
     printer = cell.run(printer_script(lines, 2000), log_opts={**ROTATION, "compress": "true"})
     assert await exited(printer) == 0
