@@ -49,6 +49,14 @@ from forwarder.alarms import state as alarm_state
 from forwarder.clock import Clock
 from forwarder.config import Settings
 from forwarder.http_config import HttpConfig, parse_listen
+from forwarder.http_limits import (
+    BodyBudget,
+    BodyRefused,
+    gated_runner,
+    gated_site,
+    read_body,
+    too_large,
+)
 from forwarder.intake import (
     Intake,
     IntakeClosed,
@@ -137,6 +145,7 @@ class _State:
     config: HttpConfig
     token_digests: tuple[bytes, ...]
     limiter: RateLimiter | None
+    bodies: BodyBudget
     origins: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -159,6 +168,7 @@ def build_app(ctx: HttpContext) -> web.Application:
         config=config,
         token_digests=tuple(_digest(t) for t in sorted(tokens)),
         limiter=RateLimiter(config.rate_per_min) if config.rate_per_min > 0 else None,
+        bodies=BodyBudget(config.max_buffered_body_bytes),
         origins=frozenset(config.cors_origins),
     )
     # client_max_size bounds request.read()/post(); the intake reads by itself, bounded.
@@ -183,16 +193,15 @@ async def start_http(
 ) -> web.AppRunner:
     """Bind and serve `app` on `listen` (host:port); the runner's cleanup stops it.
 
-    OSError (address in use, permission) after releasing what was set up.
+    The app's [http] limits apply (http_limits): header and body timeouts, connection
+    caps. OSError (address in use, permission) after releasing what was set up.
     """
     host, port = parse_listen(listen)
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout_s
-    )
+    config = app[CONTEXT].config
+    runner = gated_runner(app, config, shutdown_timeout_s=shutdown_timeout_s)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        await gated_site(runner, host, port, config).start()
     except BaseException:
         await runner.cleanup()
         raise
@@ -418,17 +427,14 @@ async def _ingest(request: web.Request) -> web.StreamResponse:
         kind = media_kind(request.content_type, request.charset)
     except UnsupportedMediaType as e:
         return refuse("content_type", _error(415, str(e)))
-    limit = config.max_body_bytes
-    too_large = f"body larger than {limit} bytes (http.max_body_bytes); send smaller batches"
-    if request.content_length is not None and request.content_length > limit:
-        response = _error(413, too_large, max_body_bytes=limit)
-        response.force_close()  # do not read the body we refuse
-        return refuse("too_large", response)
-    body = await _read_bounded(request, limit)
-    if body is None:
-        response = _error(413, too_large, max_body_bytes=limit)
-        response.force_close()
-        return refuse("too_large", response)
+    try:
+        if (request.content_length or 0) > config.max_body_bytes:
+            raise too_large(config.max_body_bytes)  # refused unread
+        body = await read_body(request.content, config, state.bodies)
+    except BodyRefused as e:
+        response = _error(e.status, str(e), **e.extra)
+        response.force_close()  # the rest of the body is never read
+        return refuse(e.reason, response)
     try:
         lines = parse_body(body, kind, user_agent=request.headers.get("User-Agent"))
     except IntakeError as e:
@@ -459,20 +465,6 @@ async def _ingest(request: web.Request) -> web.StreamResponse:
             _error(503, "cannot write the spool; retry later", retry_after_s=config.retry_after_s),
         )
     return _json({"accepted": accepted.records}, 202)
-
-
-async def _read_bounded(request: web.Request, limit: int) -> bytes | None:
-    """The body (decompressed by aiohttp when encoded), or None once it passes `limit`."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await request.content.read(64 * 1024)
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
 
 
 # --- health and metrics ----------------------------------------------------------------------

@@ -110,6 +110,49 @@ class HttpConfig(Section):
         5, ge=1, le=3600, description="Retry-After of a 503 (spool full, stopping, database down)"
     )
 
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="a connection must send a complete request head within this many "
+        "seconds of opening, or of its previous response, else it is closed (slow or "
+        "trickled headers, idle keep-alive connections)",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="a request body must arrive whole within this many seconds of its "
+        "head, else 408 and the connection is closed (an unread body: closed)",
+    )
+    max_connections: int = Field(
+        512,
+        ge=1,
+        le=1_000_000,
+        description="open connections in all; one more is answered 503 and closed "
+        "(keep it well under the open-files limit the start-up log shows)",
+    )
+    max_connections_per_client: int = Field(
+        64,
+        ge=1,
+        le=1_000_000,
+        description="open connections from one client address; one more is answered "
+        "429 and closed; trusted_proxies count only against max_connections",
+    )
+    max_buffered_body_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="request body bytes held in memory by every request being read "
+        "together; a body that does not fit is 503 with Retry-After",
+    )
+    max_open_files: int = Field(
+        0,
+        ge=0,
+        description="the daemon raises its open-files soft limit (RLIMIT_NOFILE) at "
+        "start to this number, or to the hard limit when 0 or above it; the start-up "
+        "log says the limit",
+    )
+
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
@@ -130,6 +173,10 @@ class HttpConfig(Section):
     def _bounds(self) -> HttpConfig:
         if self.spool_max_bytes < 4 * self.max_body_bytes:
             raise ValueError("spool_max_bytes must be at least 4 times max_body_bytes")
+        if self.max_connections_per_client > self.max_connections:
+            raise ValueError("max_connections_per_client must be at most max_connections")
+        if self.max_buffered_body_bytes < self.max_body_bytes:
+            raise ValueError("max_buffered_body_bytes must be at least max_body_bytes")
         if self.tokens_file is not None and "tokens_env" in self.model_fields_set:
             raise ValueError("set only one of tokens_env, tokens_file")
         return self
