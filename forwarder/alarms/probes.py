@@ -4,6 +4,13 @@ A probe's `check()` never raises for a failed check: it returns a `ProbeResult` 
 `ok=False` and the error, so a `health` alarm (and system_checks) sees every outcome.
 The `ProbeRunner` runs each probe on its own interval; when a probe is due is decided
 by the pure `ProbeSchedule` from the injected clock, and the loop only waits.
+
+A check that fails because of the forwarder itself, not the service, is told apart
+(`forwarder_side`, decided by the pure `own_fault`): no free file descriptor or
+socket buffer (EMFILE, ENFILE, ENOBUFS, ENOMEM), or a timeout whose timer fired far
+late (the event loop was starved, so the answer may have been there unread). Such a
+result is shown in status() and logged, but never handed to the alarms: a client
+exhausting the forwarder must not make `redis_down` fire and run its actions.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from forwarder.alarms.secrets import secret_ref
 from forwarder.clock import Clock
 
 __all__ = [
+    "OWN_ERRNOS",
     "HttpProbe",
     "Probe",
     "ProbeResult",
@@ -41,6 +49,14 @@ log = logging.getLogger(__name__)
 COMPONENT = "alarms.probes"
 PING: Final = b"*1\r\n$4\r\nPING\r\n"
 MAX_DETAIL_CHARS = 200
+# errno values that say the forwarder, not the probed service, is out of something.
+OWN_ERRNOS: Final = frozenset(
+    {errno_codes.EMFILE, errno_codes.ENFILE, errno_codes.ENOBUFS, errno_codes.ENOMEM}
+)
+# A timeout timer that fires this late (a fraction of the timeout, at least the floor)
+# means the event loop did not run for that long: the check proves nothing.
+LATE_TIMER_FRACTION: Final = 0.25
+LATE_TIMER_FLOOR_S: Final = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +69,7 @@ class ProbeResult:
     detail: str
     latency_ms: float
     at: datetime
+    forwarder_side: bool = False  # failed for the forwarder's own reasons (own_fault)
 
     @property
     def error(self) -> str | None:
@@ -67,7 +84,7 @@ class ProbeResult:
             "detail": self.detail,
             "latency_ms": round(self.latency_ms, 3),
             "at": self.at.isoformat(),
-        }
+        } | ({"forwarder_side": True} if self.forwarder_side else {})
 
 
 class Probe(Protocol):
@@ -97,6 +114,30 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 1] + "…"
 
 
+def own_fault(exc: BaseException, *, timeout_s: float, elapsed_s: float) -> str | None:
+    """Why a failed check is the forwarder's own doing (pure), or None: the service's.
+
+    `exc` is what ended the check; for a timeout, `elapsed_s` is how long it really
+    took: a timer late by more than LATE_TIMER_FRACTION of `timeout_s` (at least
+    LATE_TIMER_FLOOR_S) ran on a starved event loop.
+    """
+    if isinstance(exc, TimeoutError):
+        late_s = elapsed_s - timeout_s
+        if late_s > max(LATE_TIMER_FLOOR_S, LATE_TIMER_FRACTION * timeout_s):
+            return f"the forwarder's event loop was stalled ({late_s:.1f}s late)"
+        return None
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:  # the error and its causes
+        seen.add(id(current))
+        os_error = getattr(current, "os_error", None)  # aiohttp's connector errors
+        for candidate in (current, os_error):
+            if isinstance(candidate, OSError) and candidate.errno in OWN_ERRNOS:
+                return f"the forwarder is out of resources: {_os_error_text(candidate)}"
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _os_error_text(exc: OSError) -> str:
     if exc.errno is not None and exc.errno in errno_codes.errorcode:
         return os.strerror(exc.errno)
@@ -116,20 +157,36 @@ class _TimedProbe:
 
     async def check(self) -> ProbeResult:
         started = self._clock.monotonic()
+        failure: BaseException | None = None
         try:
             async with asyncio.timeout(self.timeout_s):
                 ok, detail = True, await self._attempt()
-        except TimeoutError:
+        except TimeoutError as exc:
+            failure = exc
             ok, detail = False, f"timed out after {self.timeout_s:g}s{self._phase_text()}"
         except ProbeFailed as exc:
+            failure = exc
             ok, detail = False, str(exc)
         except OSError as exc:
+            failure = exc
             ok, detail = False, f"{self._os_context()}: {_os_error_text(exc)}"
         except Exception as exc:  # a probe must report, never kill the runner
+            failure = exc
             ok, detail = False, f"{type(exc).__name__}: {exc}"
-        latency_ms = (self._clock.monotonic() - started) * 1000.0
+        elapsed_s = self._clock.monotonic() - started
+        own = None
+        if failure is not None:
+            own = own_fault(failure, timeout_s=self.timeout_s, elapsed_s=elapsed_s)
+            if own is not None:
+                detail = f"forwarder-side: {own} ({detail})"
         return ProbeResult(
-            self.name, self.kind, ok, _clip(self._redact(detail)), latency_ms, self._clock.now()
+            self.name,
+            self.kind,
+            ok,
+            _clip(self._redact(detail)),
+            elapsed_s * 1000.0,
+            self._clock.now(),
+            forwarder_side=own is not None,
         )
 
     async def _attempt(self) -> str:
@@ -242,9 +299,9 @@ class HttpProbe(_TimedProbe):
                 body = _clip(await resp.text(errors="replace"))
                 raise ProbeFailed(f"HTTP {resp.status}" + (f": {body}" if body else ""))
         except aiohttp.ClientConnectorError as exc:
-            raise ProbeFailed(
+            raise ProbeFailed(  # the cause stays: own_fault reads its os_error
                 f"cannot connect to {exc.host}:{exc.port}: {_os_error_text(exc.os_error)}"
-            ) from None
+            ) from exc
         except aiohttp.ClientError as exc:
             # str() of some aiohttp errors embeds the URL: name the kind of failure only.
             raise ProbeFailed(f"HTTP request failed: {type(exc).__name__}") from None
@@ -342,6 +399,7 @@ class ProbeRunner:
         self.last: dict[str, ProbeResult] = {}
         self.checks = 0
         self.failures = 0
+        self.own_failures = 0  # forwarder-side: shown and logged, never alarmed on
 
     @property
     def probes(self) -> Mapping[str, Probe]:
@@ -385,6 +443,7 @@ class ProbeRunner:
             "probes": {name: r.as_dict() for name, r in self.last.items()},
             "checks": self.checks,
             "failures": self.failures,
+            "own_failures": self.own_failures,
         }
 
     async def run(self, out: asyncio.Queue[ProbeResult], stop: asyncio.Event) -> None:
@@ -409,7 +468,8 @@ class ProbeRunner:
                             continue
                         schedule.done(name, finished)
                         self._record(result)
-                        await out.put(result)
+                        if not result.forwarder_side:  # no evidence about the service
+                            await out.put(result)
                     continue
                 await self._sleep(schedule.wait_s(clock.monotonic()), stop)
         finally:
@@ -434,6 +494,16 @@ class ProbeRunner:
         self.checks += 1
         previous = self.last.get(result.probe)
         self.last[result.probe] = result
+        if result.forwarder_side:
+            self.own_failures += 1
+            log.warning(
+                "probe %s (%s) could not check: %s; not counted as a failure",
+                result.probe,
+                result.kind,
+                result.detail,
+                extra={"component": COMPONENT, "probe": result.probe, "event": "probe.own_error"},
+            )
+            return
         if not result.ok:
             self.failures += 1
         if previous is None or previous.ok != result.ok:

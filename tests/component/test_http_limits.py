@@ -1,4 +1,5 @@
-"""The HTTP server's limits over real sockets on loopback (issue 12, finding 2).
+"""The HTTP server's limits over real sockets on loopback (issue 12, finding 2), and a
+probe that fails for the forwarder's own lack of descriptors kept from the alarms.
 
 A real aiohttp server started by `start_http` with small limits; raw TCP clients play
 slowloris, stall a body, and hold more connections than the caps from one address
@@ -11,7 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import errno
+import os
+import resource
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from forwarder.alarms.probes import ProbeFailed, ProbeResult, ProbeRunner, RedisProbe, own_fault
 from forwarder.clock import SystemClock
 from forwarder.config import parse_config
 from forwarder.http import CONTEXT, HttpContext, build_app, start_http, stop_http
@@ -295,3 +301,64 @@ async def test_a_refused_client_sending_its_request_first_still_reads_the_answer
         status, _ = await server.get("/health")
         assert status == 429
     holder.close()
+
+
+# --- a probe failing for the forwarder's own reasons -----------------------------------------
+
+
+def test_own_fault_tells_the_forwarders_errors_from_the_services() -> None:
+    emfile = OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+    assert "out of resources" in (own_fault(emfile, timeout_s=2, elapsed_s=0) or "")
+    wrapped = ProbeFailed("cannot connect")
+    wrapped.__cause__ = emfile  # how HttpProbe passes aiohttp's connector error on
+    assert own_fault(wrapped, timeout_s=2, elapsed_s=0) is not None
+    refused = OSError(errno.ECONNREFUSED, "Connection refused")
+    assert own_fault(refused, timeout_s=2, elapsed_s=0) is None
+    assert own_fault(TimeoutError(), timeout_s=2, elapsed_s=2.05) is None  # on time
+    late = own_fault(TimeoutError(), timeout_s=2, elapsed_s=3.5)  # the loop was stalled
+    assert late is not None and "stalled" in late
+
+
+@contextlib.contextmanager
+def no_free_descriptors() -> Iterator[None]:
+    """Every file descriptor under a lowered soft limit taken; all given back after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096), hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_probe_out_of_descriptors_is_forwarder_side_and_never_reaches_the_alarms() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))  # a port with nothing answering: the service "down"
+    port = listener.getsockname()[1]
+    listener.close()
+    probe = RedisProbe("redis", SystemClock(), port=port, interval_s=0.05, timeout_s=0.05)
+    down = await probe.check()
+    assert (down.ok, down.forwarder_side) == (False, False)  # the service's fault: counted
+
+    runner = ProbeRunner([probe], SystemClock())
+    out: asyncio.Queue[ProbeResult] = asyncio.Queue()
+    stop = asyncio.Event()
+    with no_free_descriptors():
+        own = await probe.check()
+        running = asyncio.create_task(runner.run(out, stop))
+        try:
+            await wait_until(lambda: runner.own_failures >= 2, DEADLINE_S, "two own failures")
+        finally:
+            stop.set()
+            await running
+    assert (own.ok, own.forwarder_side) == (False, True)
+    assert own.detail.startswith("forwarder-side: the forwarder is out of resources")
+    assert own.as_dict()["forwarder_side"] is True
+    assert out.empty()  # nothing for a redis_down rule to count
+    status = runner.status()
+    assert (status["failures"], status["probes"]["redis"]["forwarder_side"]) == (0, True)
