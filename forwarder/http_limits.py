@@ -25,7 +25,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import orjson
 from aiohttp import web
@@ -228,7 +228,8 @@ class GatedTCPSite(web.BaseSite):
     def refused(
         self, reason: str, client: str, transport: asyncio.BaseTransport, protocol: _Gated
     ) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        transport = cast(asyncio.Transport, transport)
         transport.write(refusal_response(reason, self.gate, self._retry_after_s))
         self._log_refusal(reason, client)
         if len(self._lingering) >= MAX_LINGERING or not transport.can_write_eof():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -153,6 +154,7 @@ async def run(
     `reload` re-reads the configuration on SIGHUP (it raises ConfigError when invalid).
     """
     clock = clock or SystemClock()
+    _raise_open_files_limit(settings)
     # SIGHUP's default action ends the process: one sent during start-up (a deploy
     # script, logrotate's postrotate) or the drain must not; the supervisor reloads.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -163,6 +165,61 @@ async def run(
         )
     finally:
         database.close()
+
+
+# With an unlimited hard limit the kernel still caps the soft one (fs.nr_open).
+NOFILE_UNLIMITED_TARGET = 1 << 20
+
+
+def open_files_target(soft: int, hard: int, wanted: int) -> int:
+    """The RLIMIT_NOFILE soft limit to set (pure): `wanted`, or the hard limit when
+    `wanted` is 0 or above it; never below `soft` (the limit is only ever raised)."""
+    ceiling = NOFILE_UNLIMITED_TARGET if hard == resource.RLIM_INFINITY else hard
+    target = ceiling if wanted <= 0 else min(wanted, ceiling)
+    return max(soft, target) if soft != resource.RLIM_INFINITY else soft
+
+
+def _raise_open_files_limit(settings: Settings) -> None:
+    """Raise the open-files soft limit (http.max_open_files) and say the limit in the log."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = open_files_target(soft, hard, settings.http.max_open_files)
+    now = soft
+    if target != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            now = target
+        except (OSError, ValueError) as e:
+            log.warning(
+                "cannot raise the open-files limit from %d to %d: %s",
+                soft,
+                target,
+                e,
+                extra={"component": "runtime", "event": "startup.open_files"},
+            )
+    hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    log.info(
+        "open files limit %d (soft, %s at start; hard %s)",
+        now,
+        f"raised from {soft}" if now != soft else "unchanged",
+        hard_text,
+        extra={
+            "component": "runtime",
+            "event": "startup.open_files",
+            "open_files_soft": now,
+            "open_files_soft_at_start": soft,
+            "open_files_hard": hard_text,
+        },
+    )
+    http = settings.http
+    if http.enabled and http.max_connections * 2 > now:
+        log.warning(
+            "http.max_connections (%d) is more than half the open-files limit (%d): a "
+            "flood of connections could leave no descriptor for files, the database and "
+            "probes; lower it or raise the hard limit (ulimit -Hn, compose ulimits.nofile)",
+            http.max_connections,
+            now,
+            extra={"component": "runtime", "event": "startup.open_files"},
+        )
 
 
 async def _run_pipeline(
