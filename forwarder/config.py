@@ -163,6 +163,13 @@ class TailConfig(Section):
     fingerprint_bytes: int = Field(
         256, ge=16, le=65536, description="leading bytes hashed to tell a reused inode apart"
     )
+    follow_symlinks: bool = Field(
+        False,
+        description="read files through symlinks below the globs' fixed folder (a linked "
+        "file, or a linked folder a glob descends into); false: each is skipped and logged "
+        "once, so a link planted in a watched folder cannot make the forwarder read another "
+        "file. Loops are detected either way",
+    )
     multiline: MultilineConfig = Field(
         default_factory=MultilineConfig, description="grouping of tracebacks into one record"
     )

@@ -34,14 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
-import glob
 import gzip
 import hashlib
 import logging
 import os
 import stat
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -64,6 +65,13 @@ MAX_REMEMBERED = 4096
 # whatever max_line_bytes is: a runtime writes at most 16 KiB of log per wrapper line,
 # up to six times that once JSON-escaped; max_line_bytes then bounds the joined record.
 WRAPPER_LINE_BYTES = 128 * 1024
+# Seconds a stopping source waits for a walk in flight (it stops at its next entry).
+WALK_STOP_WAIT_S = 1.0
+# Directory entries one scan examines at most, over all the globs of a source: a glob
+# over a huge tree must not keep a worker thread and memory busy without bound. A scan
+# stops there (logged, counted in scans_capped); files beyond it are not found.
+MAX_SCAN_ENTRIES = 100_000
+SYMLINK_SKIPPED = "skipping %s: a symlink; set follow_symlinks = true to read it"
 
 
 @dataclass(frozen=True)
@@ -327,6 +335,14 @@ class FileSource:
         self._finished_fps: dict[tuple[str, int], int] = {}  # (fp, fp_len) -> final offset
         self._opened_paths: dict[str, None] = {}  # recently opened or skipped (bounded)
         self._watcher: FolderWatcher | None = None
+        self._watch_asked: set[str] = set()  # folders the last scan asked to watch
+        self._walking: asyncio.Future[Discovery] | None = None  # the walk in its thread
+        self._abort = threading.Event()  # set when run ends: a walk in flight stops
+        self._rescan = False  # scan again as soon as the walk in flight (if any) is done
+        # O_NOFOLLOW: a matched file swapped for a symlink after the walk is not opened.
+        self._open_flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+        if not config.follow_symlinks:
+            self._open_flags |= os.O_NOFOLLOW
         self._warned: set[tuple[str, str]] = set()
         self._log_extra = {"component": COMPONENT, "source": config.name}
         self._state = "starting"
@@ -341,6 +357,10 @@ class FileSource:
         self.compressed_copies_unread = 0
         self.files_missed = 0
         self.decode_errors = 0
+        self.symlinks_skipped = 0
+        self.symlink_loops = 0
+        self.scans_capped = 0
+        self.scan_entries = 0  # examined by the last scan
         cfg = config
         self._framed = cfg.format != "raw" or cfg.multiline.mode != "off"
         self._split_bytes = (
@@ -374,6 +394,11 @@ class FileSource:
             "compressed_copies_unread": self.compressed_copies_unread,
             "files_missed": self.files_missed,
             "decode_errors": self.decode_errors,
+            "symlinks_skipped": self.symlinks_skipped,
+            "symlink_loops": self.symlink_loops,
+            "scans_capped": self.scans_capped,
+            "scan_entries": self.scan_entries,
+            "scanning": self._walking is not None,
             "scans": self._scans,
             "watched_folders": self._watcher.folders if self._watcher is not None else 0,
         }
@@ -387,15 +412,31 @@ class FileSource:
 
     async def run(self, out: asyncio.Queue[Any], stop: asyncio.Event) -> None:
         cfg = self._config
-        self._state = "ok"
         watcher = self._watcher = None if self._exit_on_eof else FolderWatcher(self._log_extra)
         try:
-            self._scan()
+            # The first scan is complete before anything is read ("ok" says it is done);
+            # a backfill scans again while a file changed between its walk and opening.
+            for _ in range(3):
+                discovery = await self._walk(stop)
+                if discovery is None:
+                    return
+                self._scan(discovery)
+                if not (self._exit_on_eof and self._rescan):
+                    break
+                self._rescan = False
+            self._state = "ok"
             next_scan = self._clock.monotonic() + cfg.glob_interval_s
             while not stop.is_set():
-                changed = watcher is not None and watcher.take()
-                if not self._exit_on_eof and (changed or self._clock.monotonic() >= next_scan):
-                    self._scan()
+                if watcher is not None and watcher.take():
+                    self._rescan = True
+                walk = self._walking
+                if walk is None and not self._exit_on_eof:
+                    if self._rescan or self._clock.monotonic() >= next_scan:
+                        self._rescan = False
+                        self._start_walk()
+                elif walk is not None and walk.done():
+                    self._walking = None
+                    self._scan(walk.result())
                     next_scan = self._clock.monotonic() + cfg.glob_interval_s
                 had_data = False
                 # Files are tracked in the order they were found, so the copies of one
@@ -428,20 +469,55 @@ class FileSource:
                 else:
                     await self._idle(stop, watcher)
         finally:
+            self._abort.set()
+            if self._walking is not None:  # stops at its next entry; not waited for long
+                await asyncio.wait([self._walking], timeout=WALK_STOP_WAIT_S)
+                self._walking = None
             for f in list(self._files.values()):
                 self._close(f)
             if watcher is not None:
                 watcher.close()
             self._state = "stopped"
 
+    def _start_walk(self) -> asyncio.Future[Discovery]:
+        """Walk the globs in a worker thread (`GlobWalk`): a huge or looping tree never
+        blocks the loop. What it finds is applied on the loop (`_scan`)."""
+        cfg = self._config
+        walk = GlobWalk(
+            cfg.paths,
+            cfg.exclude,
+            follow_symlinks=cfg.follow_symlinks,
+            rotations=self._rotations,
+            abort=self._abort,
+            max_entries=MAX_SCAN_ENTRIES,
+        )
+        future = self._walking = asyncio.ensure_future(asyncio.to_thread(walk.run))
+        # Retrieved here too, so a walk abandoned at stop never warns "never retrieved".
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
+
+    async def _walk(self, stop: asyncio.Event) -> Discovery | None:
+        """A walk of the globs, waited for; None if stop came first."""
+        walk = self._start_walk()
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((walk, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not walk.done():
+            return None
+        self._walking = None
+        return walk.result()
+
     async def _idle(self, stop: asyncio.Event, watcher: FolderWatcher | None) -> None:
-        """Until stop, a watched folder changes, or the idle wait is over."""
+        """Until stop, a watched folder changes, a walk is done, or the idle wait is over."""
         changed = watcher.readable() if watcher is not None else None
         stopped = asyncio.ensure_future(stop.wait())
         waits: list[asyncio.Future[Any]] = [stopped] if changed is None else [stopped, changed]
+        walk = [] if self._walking is None else [self._walking]  # waited for, not cancelled
         try:
             await asyncio.wait(
-                waits, timeout=self._idle_wait(), return_when=asyncio.FIRST_COMPLETED
+                [*waits, *walk], timeout=self._idle_wait(), return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             for w in waits:
@@ -665,23 +741,23 @@ class FileSource:
 
     # -- discovery and lifetime --------------------------------------------------------
 
-    def _scan(self) -> None:
-        """Match the globs; open new files; notice rotation (a path naming another file)."""
+    def _scan(self, discovery: Discovery) -> None:
+        """Apply what a walk of the globs found (on the loop): open new files; notice
+        rotation (a path naming another file)."""
         first = self._scans == 0
-        self._scans += 1
+        self._report(discovery)
         if self._watcher is not None:
-            self._watcher.watch(self._folders_to_watch())
+            # A folder watched only now may have changed after the walk listed it (at
+            # the first scan, the next timer scan looks again).
+            new_folders = discovery.folders - self._watch_asked
+            self._rescan |= not first and self._watcher.available and bool(new_folders)
+            self._watch_asked = discovery.folders
+            self._watcher.watch(discovery.folders)
         seen: dict[str, str] = {}  # key -> path
         copies: dict[str, str] = {}  # key -> path, of tracked rotated copies
         matched: set[str] = set()  # keys of every regular file matched, opened or not
-        for path in self._matched_paths():
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                self._warn_once(path, "stat", "cannot stat %s: %s", path, e.strerror)
-                continue
+        for found in discovery.found:
+            path, st = found.path, found.st
             if not stat.S_ISREG(st.st_mode):
                 kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
                 self._warn_once(path, "type", "skipping %s: %s", path, kind)
@@ -694,14 +770,18 @@ class FileSource:
                 continue  # a second link to a file already matched
             tail_allowed = first
             if self._rotations:
-                tail_allowed = self._scan_copies(path, first, copies, matched)
+                listing = discovery.copies.get(path, ([], []))
+                tail_allowed = self._scan_copies(path, first, copies, matched, listing)
             if key not in self._files:
-                key = self._open(path, tail_allowed, chain=path if self._rotations else None)
+                chain = path if self._rotations else None
+                key = self._open(path, tail_allowed, chain=chain, expect=st)
                 if key is None:
                     continue
             seen[key] = path
         for key, f in self._files.items():
             path = seen.get(key)
+            if path is None and discovery.capped and self._still_names(f):
+                path = f.path  # the walk stopped before it: it is there, unchanged
             if path is not None and path != f.path:
                 self.rotations_detected += 1
                 log.info("%s was renamed to %s", f.path, path, extra=self._log_extra)
@@ -725,11 +805,56 @@ class FileSource:
             self._recover_rotated(matched)
         if self._watcher is not None:
             self._count_missed(self._watcher.created)
+        self._scans += 1
+
+    def _report(self, discovery: Discovery) -> None:
+        """Log (once per path) and count what the walk did not follow or could not do."""
+        self.scan_entries = discovery.entries
+        for path in discovery.symlinks:
+            if (path, "symlink") not in self._warned:
+                self.symlinks_skipped += 1
+            self._warn_once(path, "symlink", SYMLINK_SKIPPED, path)
+        for path, above in discovery.loops:
+            if (path, "loop") not in self._warned:
+                self.symlink_loops += 1
+            self._warn_once(
+                path,
+                "loop",
+                "not following %s: it leads back to %s, a folder above it (a loop); "
+                "the rest of the tree is scanned",
+                path,
+                above,
+            )
+        for path, why in discovery.errors:
+            self._warn_once(path, "stat", "cannot stat %s: %s", path, why)
+        if discovery.capped:
+            self.scans_capped += 1
+            self._warn_once(
+                "",
+                "capped",
+                "the globs of this source reach more than %d entries: a scan stops there, "
+                "so files beyond it are not found (counted in scans_capped). Narrow paths "
+                "or exclude",
+                MAX_SCAN_ENTRIES,
+            )
+
+    def _still_names(self, f: _TrackedFile) -> bool:
+        """Whether f's path still names f (asked of files a capped walk did not reach)."""
+        try:
+            st = os.stat(f.path) if self._config.follow_symlinks else os.lstat(f.path)
+        except OSError:
+            return False
+        return f"{st.st_dev}:{st.st_ino}" == f.key
 
     # -- rotated copies ----------------------------------------------------------------
 
     def _scan_copies(
-        self, path: str, first: bool, copies: dict[str, str], matched: set[str]
+        self,
+        path: str,
+        first: bool,
+        copies: dict[str, str],
+        matched: set[str],
+        listing: tuple[list[Found], list[str]],
     ) -> bool:
         """Open the numbered copies of the written file at path not read yet, oldest
         first; return whether the written file may start at its tail (read_from).
@@ -739,22 +864,20 @@ class FileSource:
         was (a checkpoint names it), the copies older than the oldest one read are
         history too, and every newer one was written while the forwarder was down:
         read, as is the written file from its head. While running, every copy not
-        seen before is new: read.
+        seen before is new: read. `listing`: the walk's copies of path (plain ones
+        with their stat, and compressed ones).
         """
-        listing = list_copies(path)
-        for gz in listing.compressed:
+        plain, compressed = listing
+        for gz in compressed:
             self._check_compressed(gz)
         read_before = path in self._chains_read
         history = first and (read_before or self._config.read_from == "tail")
         if history and read_before:
             # Only copies older than one that holds a checkpoint are history; when no
             # such copy is left (all rotated out since), every copy is newer.
-            history = any(self._holds_checkpoint(p) for p in [*listing.plain, path])
-        for copy in listing.plain:
-            try:
-                st = os.stat(copy)
-            except OSError:
-                continue
+            history = any(self._holds_checkpoint(p) for p in [*(c.path for c in plain), path])
+        for found in plain:
+            copy, st = found.path, found.st
             if not stat.S_ISREG(st.st_mode) or self._is_own_output(copy, st):
                 continue
             key = f"{st.st_dev}:{st.st_ino}"
@@ -772,14 +895,14 @@ class FileSource:
                               extra=self._log_extra)  # fmt: skip
                     continue
                 history = False  # read before: every newer copy is read
-            if self._open(copy, False, chain=path, rotated=True) is not None:
+            if self._open(copy, False, chain=path, rotated=True, expect=st) is not None:
                 self.rotated_copies_opened += 1
         return first and not read_before
 
     def _holds_checkpoint(self, path: str) -> bool:
         """Whether the file at path is one a checkpoint was taken on (identity and head)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(path, self._open_flags)
         except OSError:
             return False
         try:
@@ -796,15 +919,15 @@ class FileSource:
         unless it is a file read to its end before it was compressed (its uncompressed
         head and size are those of a file this source finished)."""
         try:
-            st = os.stat(path)
+            st = os.stat(path) if self._config.follow_symlinks else os.lstat(path)
         except OSError:
             return
         key = f"{st.st_dev}:{st.st_ino}"
-        if key in self._unchanged:
+        if key in self._unchanged or not stat.S_ISREG(st.st_mode):
             return
         self._remember_unchanged(key, st)
         try:
-            with open(path, "rb") as raw:
+            with os.fdopen(os.open(path, self._open_flags), "rb") as raw:
                 raw.seek(-4, os.SEEK_END)
                 size = int.from_bytes(raw.read(4), "little")  # ISIZE: length mod 2**32
                 raw.seek(0)
@@ -842,24 +965,6 @@ class FileSource:
         while len(self._finished_fps) > MAX_REMEMBERED:
             del self._finished_fps[next(iter(self._finished_fps))]
 
-    # -- watched folders ---------------------------------------------------------------
-
-    def _folders_to_watch(self) -> set[str]:
-        """The folders the globs can match files in, and the fixed folder above them
-        (where new matching folders appear: dockerd's containers/ for a new container)."""
-        folders: set[str] = set()
-        for pattern in self._config.paths:
-            parent = os.path.dirname(pattern) or "."
-            if _has_magic(parent):
-                fixed = parent
-                while _has_magic(fixed):
-                    fixed = os.path.dirname(fixed) or "."
-                folders.add(fixed)
-                folders.update(p for p in glob.glob(parent, recursive=True) if os.path.isdir(p))
-            else:
-                folders.add(parent)
-        return folders
-
     def _count_missed(self, created: set[str]) -> None:
         """Files matched by the globs that were created and gone again before they could
         be opened (a `docker run --rm` that ended within milliseconds): counted, warned."""
@@ -876,12 +981,6 @@ class FileSource:
                 extra=self._log_extra,
             )
         created.clear()
-
-    def _matched_paths(self) -> list[str]:
-        paths: set[str] = set()
-        for pattern in self._config.paths:
-            paths.update(glob.glob(pattern, recursive=True))
-        return sorted(p for p in paths if not self._excluded(p))
 
     def _excluded(self, path: str) -> bool:
         return any(fnmatch.fnmatch(path, x) for x in self._config.exclude)
@@ -949,7 +1048,7 @@ class FileSource:
         if target is False:
             return
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(path, self._open_flags)
         except OSError:
             return
         try:
@@ -995,33 +1094,52 @@ class FileSource:
         )
 
     def _open(
-        self, path: str, tail_allowed: bool, *, chain: str | None = None, rotated: bool = False
+        self,
+        path: str,
+        tail_allowed: bool,
+        *,
+        chain: str | None = None,
+        rotated: bool = False,
+        expect: os.stat_result | None = None,
     ) -> str | None:
         """Open and start tracking the file at path; its key, or None if it was skipped.
 
         `tail_allowed`: read_from = "tail" applies (a first scan). `chain`: the written
         file it belongs to (with rotations); `rotated`: it is a rotated copy, read to
-        its end and closed (at once when a checkpoint says it was read to its end)."""
+        its end and closed (at once when a checkpoint says it was read to its end).
+
+        `expect`: the stat the walk took of path. The file opened must be that file
+        (fstat against it): a folder on the way swapped for a symlink between the walk
+        and the open (or a rotation meanwhile) names another file, which is not read;
+        the next scan, at once, looks again. With follow_symlinks off, O_NOFOLLOW also
+        refuses a file itself swapped for a symlink."""
         self._opened_paths[path] = None
         while len(self._opened_paths) > MAX_REMEMBERED:
             del self._opened_paths[next(iter(self._opened_paths))]
         target = self._target_of(path)
         if target is False:
-            if rotated:  # a copy never changes: not described again while it stays so
-                with contextlib.suppress(OSError):
-                    st = os.stat(path)
-                    self._remember_unchanged(f"{st.st_dev}:{st.st_ino}", st)
+            if rotated and expect is not None:  # a copy never changes: not described
+                self._remember_unchanged(f"{expect.st_dev}:{expect.st_ino}", expect)  # again
             return None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(path, self._open_flags)
         except FileNotFoundError:
             return None
         except OSError as e:
-            self._warn_once(path, "open", "cannot open %s: %s", path, e.strerror)
+            if e.errno == errno.ELOOP and not self._config.follow_symlinks:
+                self._warn_once(path, "symlink", SYMLINK_SKIPPED, path)  # swapped in
+            else:
+                self._warn_once(path, "open", "cannot open %s: %s", path, e.strerror)
             return None
         try:
             st = os.fstat(fd)
             key = f"{st.st_dev}:{st.st_ino}"
+            if expect is not None and (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino):
+                os.close(fd)
+                self._rescan = True
+                log.debug("%s changed between the scan and its opening; scanning again",
+                          path, extra=self._log_extra)  # fmt: skip
+                return None
             if not stat.S_ISREG(st.st_mode) or key in self._files or self._is_own_output(path, st):
                 os.close(fd)
                 return key if key in self._files else None
@@ -1136,6 +1254,8 @@ class FileSource:
 
     def _warn_once(self, path: str, reason: str, msg: str, *args: Any) -> None:
         if (path, reason) not in self._warned:
+            if len(self._warned) >= 4 * MAX_REMEMBERED:  # bounded: paths made on purpose
+                self._warned.clear()
             self._warned.add((path, reason))
             log.warning(msg, *args, extra=self._log_extra)
 
@@ -1182,3 +1302,261 @@ def _is_checkpointed_file(fd: int, checkpoint: Position, size: int) -> bool:
 def _verified_offset(fd: int, checkpoint: Position, size: int) -> int:
     """The checkpoint's offset if this is the file it was taken on, else 0 (a new file)."""
     return checkpoint.offset if _is_checkpointed_file(fd, checkpoint, size) else 0
+
+
+# -- discovery: the glob walk, run in a worker thread ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A path a glob matched and its stat: of the path itself, or of what its symlink
+    names when symlinks are followed."""
+
+    path: str
+    st: os.stat_result
+
+
+@dataclass
+class Discovery:
+    """What one walk of a source's globs found; made in a worker thread, applied on the loop.
+
+    `found`: matched paths, sorted, excluded ones left out; `copies`: with rotations,
+    each matched regular file's numbered copies (oldest first) and its compressed ones;
+    `folders`: the folders to watch; `symlinks`: links not followed; `loops`: (folder,
+    the folder above it that it leads back to); `errors`: (path, why) not stat-able.
+    """
+
+    found: list[Found] = field(default_factory=list)
+    copies: dict[str, tuple[list[Found], list[str]]] = field(default_factory=dict)
+    folders: set[str] = field(default_factory=set)
+    symlinks: list[str] = field(default_factory=list)
+    loops: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    entries: int = 0  # directory entries examined
+    capped: bool = False  # stopped at max_entries: paths beyond it are not in found
+    aborted: bool = False  # stopped because the source is stopping
+
+
+class _WalkStopped(Exception):
+    pass
+
+
+def split_pattern(pattern: str) -> tuple[str, list[str]]:
+    """(fixed folder, components below it) of a glob, split where `glob.glob` splits it.
+
+    The fixed folder is the pattern up to the separator before its first wildcard: the
+    operator's own choice, which may be a symlink. The file name is always a component.
+    split_pattern("/var/log/app/*.log") == ("/var/log/app", ["*.log"]);
+    split_pattern("/data/**/x/*.log") == ("/data", ["**", "x", "*.log"]).
+    """
+    head, tail = os.path.split(pattern)
+    parts = [tail]
+    while head and _has_magic(head):
+        head, tail = os.path.split(head)
+        parts.append(tail)
+    parts.reverse()
+    return head, parts
+
+
+class GlobWalk:
+    """One scan of a source's globs, as `glob.glob(pattern, recursive=True)` matches them
+    (`*` and `**` skip names starting with a dot), made safe to run in a worker thread:
+    it reads the filesystem and writes only its own `Discovery`.
+
+    Below each glob's fixed folder a symlink (a matched file, a rotated copy, a folder
+    a wildcard or `**` would descend into) is not followed unless `follow_symlinks`: it
+    is listed in `symlinks` (a link to something other than a folder, met on the way to
+    a deeper component, is ignored as glob ignores it). `**` walks each folder once,
+    by (st_dev, st_ino): a folder that leads back to one above it is a loop, listed in
+    `loops` and not entered; one reached again by another way is skipped. The walk
+    examines at most `max_entries` directory entries (`capped`) and stops at the next
+    entry once `abort` is set (`aborted`).
+    """
+
+    def __init__(
+        self,
+        patterns: Sequence[str],
+        exclude: Sequence[str],
+        *,
+        follow_symlinks: bool,
+        rotations: bool,
+        abort: threading.Event,
+        max_entries: int,
+    ) -> None:
+        self._patterns = patterns
+        self._exclude = exclude
+        self._follow = follow_symlinks
+        self._rotations = rotations
+        self._abort = abort
+        self._max = max_entries
+        self._d = Discovery()
+        self._seen: set[str] = set()
+
+    def run(self) -> Discovery:
+        d = self._d
+        try:
+            for pattern in self._patterns:
+                prefix, parts = split_pattern(pattern)
+                d.folders.add(prefix or ".")
+                try:
+                    st = os.stat(prefix or ".")
+                except OSError:
+                    continue  # missing: nothing matches yet (waited for)
+                self._match(prefix, parts, (((st.st_dev, st.st_ino), prefix),))
+            if self._rotations:
+                for found in list(d.found):
+                    if stat.S_ISREG(found.st.st_mode):
+                        self._list_copies(found.path)
+        except _WalkStopped:
+            pass
+        d.found.sort(key=lambda f: f.path)
+        return d
+
+    def _count(self) -> None:
+        if self._abort.is_set():
+            self._d.aborted = True
+            raise _WalkStopped
+        self._d.entries += 1
+        if self._d.entries > self._max:
+            self._d.capped = True
+            raise _WalkStopped
+
+    def _list(self, folder: str) -> list[os.DirEntry[str]]:
+        """The entries of folder, by name (none if it cannot be listed, as for glob)."""
+        entries = []
+        try:
+            with os.scandir(folder or ".") as it:
+                for entry in it:
+                    self._count()
+                    entries.append(entry)
+        except OSError:
+            return []
+        entries.sort(key=lambda e: e.name)
+        return entries
+
+    def _match(self, folder: str, parts: list[str], above: tuple[Any, ...]) -> None:
+        """Match parts (components) below folder, a folder reached without a symlink not
+        followed; `above`: ((st_dev, st_ino), path) of it and the folders above it."""
+        comp, rest = parts[0], parts[1:]
+        if comp == "**":
+            if rest and rest[0] == "**":
+                self._match(folder, rest, above)
+                return
+            for sub, sub_above in self._folders_below(folder, above):
+                self._match(sub, rest or ["*"], sub_above)
+            return
+        if not rest:
+            self._d.folders.add(folder or ".")
+        if not _has_magic(comp):
+            self._count()
+            self._visit(folder, comp, None, rest, above)
+            return
+        hidden_ok = comp.startswith(".")
+        for entry in self._list(folder):
+            name = entry.name
+            if (hidden_ok or not name.startswith(".")) and fnmatch.fnmatchcase(name, comp):
+                self._visit(folder, name, entry, rest, above)
+
+    def _visit(
+        self,
+        folder: str,
+        name: str,
+        entry: os.DirEntry[str] | None,
+        rest: list[str],
+        above: tuple[Any, ...],
+    ) -> None:
+        path = os.path.join(folder, name) if folder else name
+        if rest:
+            sub = self._folder(path, entry, above)
+            if sub is not None:
+                self._match(path, rest, sub)
+        else:
+            self._file(path, entry)
+
+    def _folder(
+        self, path: str, entry: os.DirEntry[str] | None, above: tuple[Any, ...]
+    ) -> tuple[Any, ...] | None:
+        """`above` extended by the folder at path, or None: not a folder, a symlink not
+        followed, or a loop."""
+        try:
+            st = entry.stat(follow_symlinks=False) if entry else os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                if not self._follow:
+                    if os.path.isdir(path):
+                        self._d.symlinks.append(path)
+                    return None
+                st = os.stat(path)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        ident = (st.st_dev, st.st_ino)
+        for seen, where in above:
+            if seen == ident:
+                self._d.loops.append((path, where))
+                return None
+        return (*above, (ident, path))
+
+    def _folders_below(
+        self, folder: str, above: tuple[Any, ...]
+    ) -> Iterator[tuple[str, tuple[Any, ...]]]:
+        """folder, then every folder under it (not hidden), depth first by name, each
+        (by identity) once. Iterative: a deep tree does not reach the recursion limit."""
+        visited = {above[-1][0]}
+        stack = [(folder, above)]
+        while stack:
+            current, current_above = stack.pop()
+            yield current, current_above
+            children = []
+            for entry in self._list(current):
+                if entry.name.startswith("."):
+                    continue
+                if not entry.is_symlink() and not entry.is_dir(follow_symlinks=False):
+                    continue  # a file: no stat needed
+                path = os.path.join(current, entry.name) if current else entry.name
+                sub = self._folder(path, entry, current_above)
+                if sub is None or sub[-1][0] in visited:
+                    continue
+                visited.add(sub[-1][0])
+                children.append((path, sub))
+            stack.extend(reversed(children))
+
+    def _file(self, path: str, entry: os.DirEntry[str] | None) -> None:
+        if path in self._seen or any(fnmatch.fnmatch(path, x) for x in self._exclude):
+            return
+        st = self._stat(path, entry)
+        if st is not None:
+            self._seen.add(path)
+            self._d.found.append(Found(path, st))
+
+    def _stat(self, path: str, entry: os.DirEntry[str] | None = None) -> os.stat_result | None:
+        """lstat of path, or (following symlinks) stat; None if it is a symlink not
+        followed (listed) or gone."""
+        try:
+            st = entry.stat(follow_symlinks=False) if entry else os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                if not self._follow:
+                    self._d.symlinks.append(path)
+                    return None
+                st = os.stat(path)
+        except FileNotFoundError:
+            return None  # gone, or a dangling symlink
+        except OSError as e:
+            self._d.errors.append((path, e.strerror or str(e)))
+            return None
+        return st
+
+    def _list_copies(self, path: str) -> None:
+        listing = list_copies(path)
+        plain = []
+        for copy in listing.plain:
+            self._count()
+            st = self._stat(copy)
+            if st is not None:
+                plain.append(Found(copy, st))
+        compressed = []
+        for gz in listing.compressed:
+            self._count()
+            if self._stat(gz) is not None:
+                compressed.append(gz)
+        self._d.copies[path] = (plain, compressed)
