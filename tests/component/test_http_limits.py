@@ -32,6 +32,7 @@ from forwarder.http_config import HttpConfig
 from forwarder.http_limits import BodyBudget, ConnectionGate, GatedTCPSite, refusal_response
 from forwarder.intake import Intake
 from forwarder.metrics import Metrics
+from forwarder.runtime import NOFILE_UNLIMITED_TARGET, open_files_target
 from tests.support import wait_until
 
 DEADLINE_S = 15.0
@@ -158,6 +159,15 @@ def test_a_refusal_is_one_complete_json_response_that_closes() -> None:
     assert orjson.loads(body)["retry_after_s"] == 5
     assert b"Connection: close" in refusal_response("total", gate, 5)
     assert parse(refusal_response("total", gate, 5))[0] == 503
+
+
+def test_the_open_files_target_is_raised_only_and_capped_by_the_hard_limit() -> None:
+    unlimited = resource.RLIM_INFINITY
+    assert open_files_target(1024, 4096, 0) == 4096  # 0: the hard limit
+    assert open_files_target(1024, 4096, 2048) == 2048  # a configured cap
+    assert open_files_target(1024, 4096, 10_000) == 4096  # never above the hard limit
+    assert open_files_target(1024, 4096, 512) == 1024  # never lowered
+    assert open_files_target(1024, unlimited, 0) == NOFILE_UNLIMITED_TARGET
 
 
 def test_the_limits_are_validated_together() -> None:
